@@ -1,0 +1,34 @@
+"""ldbfx: skip chosen layers' weight gradients with a torch.fx pass, eager or compiled.
+
+Example:
+    >>> import torch, ldbfx
+    >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(8)])
+    >>> gm = ldbfx.transform(model)            # trace once, rewrite once
+    >>> ldbfx.set_dropped(gm, ["4", "5"])      # flip a run-time mask every step
+    >>> gm(torch.randn(2, 8)).sum().backward()
+"""
+
+from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
+from .inspect import summary, to_networkx
+from .layers import Layer, layers
+from .mask import dropped, set_dropped
+from .module import LdbGraphModule
+from .rewrite import TransformConfig, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transform",
+    "layers",
+    "set_dropped",
+    "dropped",
+    "summary",
+    "to_networkx",
+    "Layer",
+    "LdbGraphModule",
+    "TransformConfig",
+    "LdbfxError",
+    "TraceError",
+    "LayerNotFoundError",
+    "NoEligibleLayerWarning",
+]

@@ -1,0 +1,44 @@
+"""Exceptions and warnings raised by ldbfx.
+
+Every error names what went wrong *and* how to fix it; when a name the user asked for does not
+exist, the message lists the names that do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["LdbfxError", "TraceError", "LayerNotFoundError", "NoEligibleLayerWarning"]
+
+
+class LdbfxError(Exception):
+    """Base class of every error raised by ldbfx."""
+
+
+class TraceError(LdbfxError):
+    """The model could not be traced by ``torch.fx``.
+
+    The message names the module or node that failed, the original cause (kept as ``__cause__``)
+    and the usual fixes: declare the module a leaf, pass ``concrete_args``, or use the model
+    family's own tracer (timm and Hugging Face ship one).
+    """
+
+
+class LayerNotFoundError(LdbfxError, KeyError):
+    """A layer name or index does not exist, or names a layer that may not be dropped."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
+
+    @classmethod
+    def unknown(cls, requested: object, valid: Sequence[str]) -> LayerNotFoundError:
+        listing = ", ".join(valid) if valid else "(none: no layer is eligible)"
+        return cls(f"no eligible layer named {requested!r}. Eligible layers are: {listing}")
+
+
+class NoEligibleLayerWarning(UserWarning):
+    """``transform`` found no layer that may be dropped; the model trains exactly as before."""

@@ -1,0 +1,250 @@
+"""Layer discovery: the parameterized nodes of a traced graph, grouped, ordered and filtered.
+
+A *layer* is a parameterized node of the FX graph: a leaf-module call that owns parameters
+(``nn.Conv2d``, ``nn.MultiheadAttention``), or a function/method call that consumes parameters
+through ``get_attr`` (``F.linear(x, self.weight)``, a class token, a position embedding).
+Nodes that share a parameter (weight tying, a module called twice) form *one* layer, so a
+parameter never belongs to two layers and its gradient is skipped only when the whole layer is.
+Layers are numbered in topological order of their first node; by default all but the first
+``keep_first`` and the last ``keep_last`` are eligible for dropping (LayerDropBack, paper §4:
+"the last layer as well as the first four layers ... are always updated").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import fx, nn
+
+from . import handlers
+from .handlers import Handler
+
+if TYPE_CHECKING:
+    from .module import LdbGraphModule
+
+__all__ = ["Layer", "layers"]
+
+Filter = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One droppable unit of a transformed model.
+
+    Attributes:
+        index: position in topological order (what :func:`ldbfx.set_dropped` accepts).
+        name: unique readable name: the module's qualified name for a module call, else the
+            owning module's name or the parameter's own name (``"cls_token"``).
+        params: qualified names of its parameters, as in ``model.named_parameters()``.
+        eligible: whether :func:`ldbfx.set_dropped` may drop it.
+        reason: why it is not eligible (``"first 4"``, ``"last 1"``, ``"filter"``, ``"frozen"``),
+            empty when eligible.
+        op: the FX op of its first node (``"call_module"`` or ``"call_function"``...).
+        type: the module class (``"Conv2d"``) or the function (``"linear"``) of its first node.
+        kind: the handler family: ``conv``, ``linear``, ``matmul``, ``embedding``, ``attention``
+            (weight gradient really skipped) or ``norm``, ``module``, ``param`` (gradient gated).
+        saves_compute: whether dropping skips weight-gradient computation (every node's handler
+            owns its backward) or only discards the gradient.
+        numel: number of parameter elements.
+        nodes: names of its nodes in the traced (train-mode) graph.
+    """
+
+    index: int
+    name: str
+    params: tuple[str, ...]
+    eligible: bool
+    reason: str
+    op: str
+    type: str
+    kind: str
+    saves_compute: bool
+    numel: int
+    nodes: tuple[str, ...]
+
+
+@dataclass
+class NodePlan:
+    """A parameterized node and how to rewrite it (internal)."""
+
+    node: fx.Node
+    param_ids: list[int]
+    handler: Handler
+
+
+@dataclass
+class LayerPlan:
+    """The nodes of one layer before its :class:`Layer` record exists (internal)."""
+
+    nodes: list[NodePlan]
+    param_ids: list[int]
+
+
+def _resolve(root: nn.Module, target: str):
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)  # trace-time constants live on the graph module only
+    return obj
+
+
+def _node_params(node: fx.Node, root: nn.Module) -> list[tuple[int, nn.Parameter]]:
+    if node.op == "call_module":
+        return [(id(p), p) for p in root.get_submodule(node.target).parameters()]
+    found = []
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            value = _resolve(root, arg.target)
+            if isinstance(value, nn.Parameter):
+                found.append((id(value), value))
+    return found
+
+
+def _handler(node: fx.Node, root: nn.Module) -> Handler:
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return handlers.module_handler(node, module, root) or handlers.GENERIC_MODULE
+    return handlers.function_handler(node, root) or handlers.GENERIC_PARAM
+
+
+def plan_layers(graph: fx.Graph, root: nn.Module) -> list[LayerPlan]:
+    """Groups the graph's parameterized nodes into layers, in topological order."""
+    node_plans: list[NodePlan] = []
+    parent: dict[int, int] = {}  # union-find over parameter ids
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for node in graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        params = _node_params(node, root)
+        if not params:
+            continue
+        ids = list(dict.fromkeys(i for i, _ in params))
+        for i in ids:
+            parent.setdefault(i, i)
+        for i in ids[1:]:
+            parent[find(i)] = find(ids[0])
+        node_plans.append(NodePlan(node, ids, _handler(node, root)))
+
+    groups: dict[int, LayerPlan] = {}
+    for plan in node_plans:  # graph order, so groups come out in order of their first node
+        group = groups.setdefault(find(plan.param_ids[0]), LayerPlan([], []))
+        group.nodes.append(plan)
+        group.param_ids.extend(i for i in plan.param_ids if i not in group.param_ids)
+    return list(groups.values())
+
+
+def _layer_name(plan: LayerPlan, root: nn.Module, names: dict[int, str]) -> str:
+    first = plan.nodes[0].node
+    if first.op == "call_module":
+        return first.target
+    params = [names[i] for i in plan.param_ids]
+    owners = {p.rpartition(".")[0] for p in params}
+    if len(owners) == 1:
+        owner = owners.pop()
+        owned = {id(p) for p in root.get_submodule(owner).parameters(recurse=False)} if owner else set()
+        if owner and owned == set(plan.param_ids):
+            return owner
+    return params[0] if len(params) == 1 else "+".join(params)
+
+
+def _type_name(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def build_layers(
+    plans: list[LayerPlan],
+    root: nn.Module,
+    *,
+    keep_first: int,
+    keep_last: int,
+    filter: Filter | None,
+) -> tuple[Layer, ...]:
+    """Turns layer plans into :class:`Layer` records with the eligibility rule applied."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    params_by_id = {id(p): p for p in root.parameters()}
+    result = []
+    n = len(plans)
+    for index, plan in enumerate(plans):
+        first = plan.nodes[0].node
+        name = _layer_name(plan, root, names)
+        if first.op == "call_module":
+            module = root.get_submodule(first.target)
+        else:
+            owner = names[plan.param_ids[0]].rpartition(".")[0]
+            module = root.get_submodule(owner)
+        if index < keep_first:
+            reason = f"first {keep_first}"
+        elif index >= n - keep_last:
+            reason = f"last {keep_last}"
+        elif not any(params_by_id[i].requires_grad for i in plan.param_ids):
+            reason = "frozen"
+        elif filter is not None and not filter(module, name):
+            reason = "filter"
+        else:
+            reason = ""
+        kinds = list(dict.fromkeys(p.handler.kind for p in plan.nodes))
+        result.append(Layer(
+            index=index,
+            name=name,
+            params=tuple(names[i] for i in plan.param_ids),
+            eligible=not reason,
+            reason=reason,
+            op=first.op,
+            type=_type_name(first, root),
+            kind="+".join(kinds),
+            saves_compute=all(p.handler.saves_compute for p in plan.nodes),
+            numel=sum(params_by_id[i].numel() for i in plan.param_ids),
+            nodes=tuple(p.node.name for p in plan.nodes),
+        ))
+    return tuple(result)
+
+
+def layer_edges(graph: fx.Graph, plans: list[LayerPlan]) -> tuple[tuple[int, int], ...]:
+    """Edges ``(a, b)``: an output of layer ``a`` reaches layer ``b`` without crossing a layer."""
+    layer_of = {p.node: i for i, plan in enumerate(plans) for p in plan.nodes}
+    reach: dict[fx.Node, frozenset[int]] = {}
+    edges: set[tuple[int, int]] = set()
+    for node in graph.nodes:
+        incoming = frozenset().union(*(reach.get(a, frozenset()) for a in node.all_input_nodes))
+        if node in layer_of:
+            b = layer_of[node]
+            edges.update((a, b) for a in incoming if a != b)
+            reach[node] = frozenset({b})
+        else:
+            reach[node] = incoming
+    return tuple(sorted(edges))
+
+
+def layers(gm: LdbGraphModule) -> tuple[Layer, ...]:
+    """The layers of a transformed model, in topological order.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+
+    Returns:
+        A tuple of :class:`Layer` records; ``layers(gm)[i].index == i``.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> gm = ldbfx.transform(model)
+        >>> [(l.name, l.eligible) for l in ldbfx.layers(gm)][3:]
+        [('3', False), ('4', True), ('5', False)]
+    """
+    from .module import LdbGraphModule
+
+    if not isinstance(gm, LdbGraphModule):
+        raise TypeError(
+            f"expected a module returned by ldbfx.transform, got {type(gm).__name__}; "
+            "call gm = ldbfx.transform(model) first"
+        )
+    return gm.ldbfx_layers
+

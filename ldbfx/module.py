@@ -1,0 +1,113 @@
+"""The module :func:`ldbfx.transform` returns: a ``GraphModule`` over the user's own modules."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from .layers import Layer
+    from .rewrite import TransformConfig
+
+__all__ = ["LdbGraphModule", "MASK_ATTR"]
+
+#: Attribute holding the CPU bool mask (``True`` = layer dropped). A plain attribute, not a
+#: buffer: ``.to("cuda")`` must leave it on the CPU, where reading it costs no device sync.
+MASK_ATTR = "_ldbfx_mask"
+
+
+def _resolve(root: nn.Module, target: str):
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+class LdbGraphModule(fx.GraphModule):
+    """A transformed model: same computation, same parameters, maskable weight gradients.
+
+    Its submodules, parameters and buffers *are* the original model's (not copies), so
+    ``state_dict()`` has the same keys and an optimizer built on either trains both. When the
+    model's train- and eval-mode traces differ (``self.training`` branches, ``F.dropout(...,
+    training=self.training)``), it holds both graphs and runs the one of its current mode; ``code``
+    shows the train-mode graph and ``eval_code`` the other.
+
+    Use :func:`ldbfx.transform` to create one.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None,
+                 constants: dict[str, torch.Tensor], layers: tuple[Layer, ...],
+                 edges: tuple[tuple[int, int], ...], config: TransformConfig):
+        mask = torch.zeros(len(layers), dtype=torch.bool)
+        lookup = {**constants, MASK_ATTR: mask}
+        targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
+                   if n.op in ("get_attr", "call_module")}
+        self.__dict__["_ldbfx_eval_graph"] = eval_graph  # read by recompile() during __init__
+        super().__init__({t: lookup[t] if t in lookup else _resolve(model, t) for t in targets},
+                         graph, class_name=type(model).__name__)
+        # Adopt the model's own hierarchy, so nothing is copied and nothing is missing: unused
+        # parameters and non-persistent buffers stay exactly as the model declares them.
+        for name in list(self.__dict__):
+            if name in lookup:
+                del self.__dict__[name]
+        self._modules.clear()
+        self._modules.update(model._modules)
+        self._parameters.clear()
+        self._parameters.update(model._parameters)
+        self._buffers.clear()
+        self._buffers.update(model._buffers)
+        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+        for name, value in constants.items():  # moved by .to(), absent from state_dict
+            self.register_buffer(name, value, persistent=False)
+        self.training = model.training  # not .train(): children keep their own (maybe mixed) modes
+        self.__dict__[MASK_ATTR] = mask
+        self.ldbfx_layers = layers
+        self.ldbfx_edges = edges
+        self.ldbfx_config = config
+        named = dict(model.named_parameters())
+        self._ldbfx_layer_params = tuple(tuple(named[p] for p in layer.params) for layer in layers)
+        self._ldbfx_index = {layer.name: layer.index for layer in layers}
+        self._ldbfx_dropped_params: tuple[nn.Parameter, ...] = ()
+
+    def recompile(self):
+        """Regenerates ``forward``; with two graphs it dispatches on ``self.training``."""
+        result = super().recompile()
+        eval_graph = self.__dict__.get("_ldbfx_eval_graph")
+        if eval_graph is not None:
+            cls = type(self)
+            train_forward = cls.forward
+            eval_forward = type(fx.GraphModule(self, eval_graph)).forward
+
+            @functools.wraps(train_forward)
+            def forward(self, *args, **kwargs):
+                if self.training:
+                    return train_forward(self, *args, **kwargs)
+                return eval_forward(self, *args, **kwargs)
+
+            cls.forward = forward
+        return result
+
+    @property
+    def eval_code(self) -> str:
+        """Python code of the eval-mode graph (the same as ``code`` when the modes agree)."""
+        eval_graph = self.__dict__.get("_ldbfx_eval_graph")
+        return self.code if eval_graph is None else eval_graph.python_code(root_module="self").src
+
+    def __deepcopy__(self, memo):
+        # GraphModule.__deepcopy__ re-runs __init__ with its own signature; copy our state instead.
+        result = type(self).__new__(type(self))
+        memo[id(self)] = result
+        result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        result.graph = result._graph  # re-owns the graph and regenerates forward
+        return result
+
+    def __reduce__(self):
+        raise TypeError(
+            "an ldbfx-transformed module cannot be pickled (torch.save(gm)); save "
+            "gm.state_dict() instead: its keys are the original model's, so it loads into the "
+            "untransformed architecture for inference"
+        )

@@ -1,0 +1,211 @@
+"""The graph pass: :func:`transform` rewrites every layer so its weight gradient is maskable.
+
+Before (``print(model_traced.code)``)::
+
+    conv1 = self.conv1(x);  x = None
+    bn1 = self.bn1(conv1);  conv1 = None
+
+After (``print(ldbfx.transform(model).code)``)::
+
+    conv1_weight = self.conv1.weight
+    _ldbfx_mask = self._ldbfx_mask
+    conv1 = ldbfx_ops_conv(x, conv1_weight, None, (2, 2), (3, 3), (1, 1), 1, _ldbfx_mask, 0)
+    ...
+
+The forward computation is unchanged op for op; only the backward of each layer is owned by
+:mod:`ldbfx.ops`, which reads ``_ldbfx_mask[index]`` to decide whether to compute the weight
+gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import ops
+from .errors import NoEligibleLayerWarning
+from .handlers import GENERIC_PARAM
+from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
+from .module import MASK_ATTR, LdbGraphModule
+from .trace import trace_model
+
+__all__ = ["TransformConfig", "transform"]
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Options of :func:`transform` (frozen, so torch.compile never sees it change).
+
+    Attributes:
+        keep_first: the first layers in topological order that always train. Default: ``4``.
+        keep_last: the last layers that always train. Default: ``1``.
+        filter: ``(module, name) -> bool``; layers for which it returns False always train.
+            ``module`` is the leaf module called, or the module owning the parameter for a
+            functional use. Default: ``None`` (no filter).
+    """
+
+    keep_first: int = 4
+    keep_last: int = 1
+    filter: Filter | None = None
+
+    def __post_init__(self):
+        for name in ("keep_first", "keep_last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.filter is not None and not callable(self.filter):
+            raise TypeError(f"filter must be a callable (module, name) -> bool, got {self.filter!r}")
+
+
+class Rewriter:
+    """Emits replacement nodes into one graph (what handlers receive)."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module):
+        self.graph, self.root = graph, root
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+            self.mask = graph.get_attr(MASK_ATTR)
+        self._masked: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def call(self, fn: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        return self.graph.call_function(fn, args, kwargs or {})
+
+    def param(self, target: str) -> fx.Node:
+        return self.graph.get_attr(target)
+
+    def module(self, target: str) -> fx.Node:
+        return self.graph.get_attr(target)
+
+    def masked(self, param: fx.Node, index: int) -> fx.Node:
+        """``ops.masked_param(param)``, created once per parameter node and layer."""
+        key = (param, index)
+        if key not in self._masked:
+            with self.graph.inserting_after(param):
+                self._masked[key] = self.call(ops.masked_param, (param, self.mask, index))
+        return self._masked[key]
+
+
+def _rewrite(graph: fx.Graph, root: nn.Module, plans: list[LayerPlan],
+             index_of: Callable[[LayerPlan], int | None]) -> None:
+    """Rewrites the nodes of ``plans`` (all found first, then mutated, as FX passes do)."""
+    rw = Rewriter(graph, root)
+    for plan in plans:
+        index = index_of(plan)
+        if index is None:  # eval-only parameters unknown to the train graph: left as they are
+            continue
+        for node_plan in plan.nodes:
+            node = node_plan.node
+            if node_plan.handler is GENERIC_PARAM:
+                for arg in node.all_input_nodes:
+                    if id(_param_or_none(root, arg)) in plan.param_ids:
+                        node.replace_input_with(arg, rw.masked(arg, index))
+                continue
+            name = node.name
+            with graph.inserting_before(node):
+                new = node_plan.handler.rewrite(rw, node, index)
+            new.meta.update(node.meta)
+            new.meta["ldbfx"] = {"layer": index, "kind": node_plan.handler.kind}
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            # Give the replacement the original name, so gm.code reads like the model's trace.
+            graph._graph_namespace._used_names.discard(name)
+            new._rename(name)
+    graph.lint()
+
+
+def _param_or_none(root: nn.Module, node: fx.Node) -> nn.Parameter | None:
+    if node.op != "get_attr":
+        return None
+    try:
+        return root.get_parameter(node.target)
+    except AttributeError:
+        return None
+
+
+def transform(
+    model: nn.Module,
+    *,
+    keep_first: int = 4,
+    keep_last: int = 1,
+    filter: Filter | None = None,
+    tracer_class: type[fx.Tracer] | None = None,
+    tracer_kwargs: dict[str, Any] | None = None,
+    leaf_modules: Iterable[type | str] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> LdbGraphModule:
+    """Traces ``model`` once and makes each layer's weight gradient skippable at run time.
+
+    The returned module computes exactly what ``model`` computes (same ops, train and eval), shares
+    its parameter and module objects (an optimizer built on either trains both) and has the same
+    ``state_dict()`` keys. Choose what to skip with :func:`ldbfx.set_dropped`; nothing is dropped
+    until then.
+
+    Args:
+        model: any ``torch.fx``-traceable module (torchvision, timm, custom models).
+        keep_first: the first layers (topological order) that always train. Default: ``4``.
+        keep_last: the last layers that always train. Default: ``1``.
+        filter: ``(module, name) -> bool``; layers for which it is False always train.
+            Default: ``None``.
+        tracer_class: a ``torch.fx.Tracer`` subclass to use instead of ldbfx's (for example
+            ``transformers.utils.fx.HFTracer``). Default: ``None``.
+        tracer_kwargs: keyword arguments for ``tracer_class``. Default: ``None``.
+        leaf_modules: module types or qualified names to keep as single calls. Default: ``()``.
+        autowrap_functions: functions to record as single calls. Default: ``()``.
+        concrete_args: arguments to fix while tracing (``torch.fx`` semantics). Default: ``None``.
+
+    Returns:
+        An :class:`ldbfx.LdbGraphModule` (a ``torch.fx.GraphModule``).
+
+    Raises:
+        TraceError: ``model`` could not be traced; the message names the module and the fixes.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(8)])
+        >>> gm = ldbfx.transform(model)
+        >>> ldbfx.set_dropped(gm, ["4", "6"])    # skip two layers' weight gradients
+        >>> gm(torch.randn(2, 8)).sum().backward()
+        >>> model[4].weight.grad is None, model[5].weight.grad is None
+        (True, False)
+    """
+    config = TransformConfig(keep_first, keep_last, filter)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, LdbGraphModule):
+        raise TypeError("this module was already transformed by ldbfx; transform the original model")
+    traced = trace_model(
+        model, tracer_class=tracer_class, tracer_kwargs=tracer_kwargs, leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions, concrete_args=concrete_args,
+    )
+    plans = plan_layers(traced.train_graph, model)
+    layers = build_layers(plans, model, keep_first=config.keep_first, keep_last=config.keep_last,
+                          filter=config.filter)
+    edges = layer_edges(traced.train_graph, plans)
+    _rewrite(traced.train_graph, model, plans, _index_by_position(plans))
+    if traced.eval_graph is not None:
+        layer_of_param = {i: index for index, plan in enumerate(plans) for i in plan.param_ids}
+        eval_plans = plan_layers(traced.eval_graph, model)
+        _rewrite(traced.eval_graph, model, eval_plans,
+                 lambda plan: layer_of_param.get(plan.param_ids[0]))
+    if not any(layer.eligible for layer in layers):
+        warnings.warn(
+            f"ldbfx.transform found no eligible layer in {type(model).__name__} "
+            f"({len(layers)} layers, keep_first={config.keep_first}, keep_last={config.keep_last}"
+            f"{', filter set' if config.filter else ''}): the model trains exactly as before. "
+            "Lower keep_first/keep_last or relax the filter to drop layers.",
+            NoEligibleLayerWarning, stacklevel=2,
+        )
+    return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
+                          edges, config)
+
+
+def _index_by_position(plans: list[LayerPlan]) -> Callable[[LayerPlan], int]:
+    positions = {id(plan): i for i, plan in enumerate(plans)}
+    return lambda plan: positions[id(plan)]
+

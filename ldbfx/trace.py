@@ -1,0 +1,165 @@
+"""Symbolic tracing for :func:`ldbfx.transform`: one graph per training mode, readable errors.
+
+Tracing executes ``forward`` once with proxies, so Python-level branches are frozen into the graph.
+Two of them matter for an exact copy of a model:
+
+* ``self.training`` branches of modules that are traced through (``F.dropout(x, p,
+  self.training)``, torchvision's ``StochasticDepth``, timm's heads): a graph traced in train mode
+  keeps its dropout in eval mode. ldbfx therefore traces the model in *both* modes and, when the
+  graphs differ, the returned module runs the graph of its current mode.
+* Tensors created during tracing (``torch.tensor(...)`` inside ``forward``) become
+  ``_tensor_constant`` attributes that FX sets on the *user's* model as plain attributes, which
+  ``.to(device)`` would not move. ldbfx removes them from the user's model and keeps them as
+  non-persistent buffers of the graph module (moved by ``.to``, absent from ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+
+__all__ = ["LdbfxTracer", "TracedModel", "trace_model"]
+
+
+def _timm_fx_registries() -> tuple[set[type], set[Callable]]:
+    """timm's own FX registries (``register_notrace_module`` / ``register_notrace_function``).
+
+    Read only when timm is already imported (a timm model implies it is), so ``import ldbfx``
+    never imports timm.
+    """
+    fx_helpers = sys.modules.get("timm.layers._fx")
+    if fx_helpers is None:
+        return set(), set()
+    return set(getattr(fx_helpers, "_leaf_modules", ())), set(
+        getattr(fx_helpers, "_autowrap_functions", ())
+    )
+
+
+class LdbfxTracer(fx.Tracer):
+    """``torch.fx.Tracer`` with extra leaf modules, timm's registries, and failure locations.
+
+    Args:
+        leaf_modules: module types, or qualified module names, to keep as single calls instead of
+            tracing through them.
+        autowrap_functions: functions to record as single calls (``torch.fx.wrap`` semantics).
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable[Callable] = ()):
+        timm_leaves, timm_functions = _timm_fx_registries()
+        leaf_modules = list(leaf_modules)
+        self.leaf_types = tuple(timm_leaves | {m for m in leaf_modules if isinstance(m, type)})
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        super().__init__(autowrap_functions=tuple(timm_functions | set(autowrap_functions)))
+        self.failed_module: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # innermost module: the first handler to see it
+                self.failed_module = (self.path_of_module(m), type(m).__qualname__)
+            raise
+
+
+@dataclass
+class TracedModel:
+    """The result of :func:`trace_model`."""
+
+    train_graph: fx.Graph
+    eval_graph: fx.Graph | None  # None when both modes trace to the same code
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _trace_one(model: nn.Module, tracer: fx.Tracer, concrete_args: dict[str, Any] | None) -> fx.Graph:
+    try:
+        return tracer.trace(model, concrete_args=concrete_args)
+    except Exception as cause:
+        where = getattr(tracer, "failed_module", None)
+        location = (f"inside module '{where[0]}' ({where[1]})" if where and where[0]
+                    else f"in {type(model).__qualname__}.forward")
+        fixes = [
+            f"make the module a leaf so it is called as a whole: "
+            f"ldbfx.transform(model, leaf_modules=[{where[1] if where else 'TheModule'}])",
+            "if forward branches on an argument's value (a flag, None), fix it with "
+            "concrete_args={'arg': value}",
+            "use the model family's own tracer: tracer_class=transformers.utils.fx.HFTracer for "
+            "Hugging Face models (timm's leaf modules are applied automatically)",
+        ]
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__qualname__}: the failure happened {location}: "
+            f"{type(cause).__name__}: {cause}\nPossible fixes:\n  - " + "\n  - ".join(fixes)
+        ) from cause
+
+
+def _collect_constants(model: nn.Module, graph: fx.Graph) -> dict[str, torch.Tensor]:
+    """Takes the tensors FX stored on the user's model during tracing (in graph order)."""
+    found = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and node.target.startswith("_tensor_constant"):
+            if node.target in model.__dict__:
+                found[node.target] = model.__dict__.pop(node.target)
+    return found
+
+
+def _same_constants(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        for x, y in zip(a.values(), b.values())
+    )
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    tracer_class: type[fx.Tracer] | None = None,
+    tracer_kwargs: dict[str, Any] | None = None,
+    leaf_modules: Iterable[type | str] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> TracedModel:
+    """Traces ``model`` in train and in eval mode; restores its mode afterwards.
+
+    Raises:
+        TraceError: the model is not traceable; the message names the module and the fixes.
+    """
+
+    def make_tracer() -> fx.Tracer:
+        if tracer_class is None:
+            return LdbfxTracer(leaf_modules, autowrap_functions)
+        return tracer_class(**(tracer_kwargs or {}))
+
+    was_training = model.training
+    try:
+        model.train()
+        train_graph = _trace_one(model, make_tracer(), concrete_args)
+        train_constants = _collect_constants(model, train_graph)
+        model.eval()
+        eval_graph = _trace_one(model, make_tracer(), concrete_args)
+        eval_constants = _collect_constants(model, eval_graph)
+    finally:
+        model.train(was_training)
+    # Tensor constants get fresh names per trace: compare the code with names unified, and values.
+    if _normalized_code(train_graph) == _normalized_code(eval_graph) and _same_constants(
+        train_constants, eval_constants
+    ):
+        return TracedModel(train_graph, None, train_constants)
+    return TracedModel(train_graph, eval_graph, {**train_constants, **eval_constants})
+
+
+def _normalized_code(graph: fx.Graph) -> str:
+    import re
+
+    code = graph.python_code(root_module="self").src
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", code)
