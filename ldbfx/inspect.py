@@ -1,3 +1,177 @@
-"""Inspection: a layer table and the layer DAG (placeholder, filled in below)."""
-def summary(gm, *args, **kwargs): raise NotImplementedError
-def to_networkx(gm): raise NotImplementedError
+"""Inspection: the layer table, per-layer weight-gradient FLOPs, and the layer DAG.
+
+networkx is imported inside :func:`to_networkx` only, so ``import ldbfx`` stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from .layers import layers as _layers
+
+if TYPE_CHECKING:
+    import networkx
+
+    from .module import LdbGraphModule
+
+__all__ = ["FlopReport", "weight_grad_flops", "summary", "to_networkx"]
+
+_aten = torch.ops.aten
+# Ops whose forward FLOPs equal the weight-gradient FLOPs of the parameter they consume.
+# bmm/baddbmm are left out: inside attention they multiply activations, not weights.
+_WEIGHT_OPS = {_aten.mm, _aten.addmm, _aten.convolution, _aten._convolution}
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """Weight-gradient FLOPs per layer and the backward FLOPs of the whole model.
+
+    Attributes:
+        weight_grad: FLOPs of each layer's weight gradient (indexed like ``ldbfx.layers(gm)``);
+            0 for layers whose dropping saves no compute (norms, gated parameters).
+        backward: FLOPs of one full backward pass (nothing dropped), as FlopCounterMode counts.
+    """
+
+    weight_grad: tuple[int, ...]
+    backward: int
+
+    def share(self, index: int) -> float:
+        """Fraction of the backward FLOPs that dropping layer ``index`` skips."""
+        return self.weight_grad[index] / self.backward if self.backward else 0.0
+
+
+class _LayerFlops(TorchDispatchMode):
+    def __init__(self, n: int):
+        super().__init__()
+        self.current: int | None = None
+        self.flops = [0] * n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if self.current is not None and packet in _WEIGHT_OPS and packet in flop_registry:
+            shapes = torch.utils._pytree.tree_map(
+                lambda t: t.shape if isinstance(t, torch.Tensor) else t, (args, kwargs, out)
+            )
+            self.flops[self.current] += flop_registry[packet](*shapes[0], **shapes[1], out_val=shapes[2])
+        return out
+
+
+class _Attributing(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: _LayerFlops):
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        info = n.meta.get("ldbfx")
+        self.counter.current = info["layer"] if info and info["kind"] != "norm" else None
+        try:
+            return super().run_node(n)
+        finally:
+            self.counter.current = None
+
+
+def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
+    """Measures each layer's weight-gradient FLOPs and the full backward FLOPs on ``inputs``.
+
+    One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``; the
+    model's gradients are cleared afterwards. Runs in train mode on the given inputs.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)]))
+        >>> report = ldbfx.inspect.weight_grad_flops(gm, torch.randn(4, 8))
+        >>> report.weight_grad[4], report.backward
+        (512, 5632)
+    """
+    layers = _layers(gm)
+    was_training = gm.training
+    gm.train()
+    saving = {l.index for l in layers if l.saves_compute}
+    try:
+        counter = _LayerFlops(len(layers))
+        # With grad enabled, so MHA takes its projection path rather than the fused inference op.
+        with counter:
+            _Attributing(gm, counter).run(*inputs)
+        out = gm(*inputs)
+        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+        with FlopCounterMode(display=False) as total:
+            loss.backward()
+        gm.zero_grad(set_to_none=True)
+    finally:
+        gm.train(was_training)
+    per_layer = tuple(f if i in saving else 0 for i, f in enumerate(counter.flops))
+    return FlopReport(per_layer, total.get_total_flops())
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def summary(gm: LdbGraphModule, *example_inputs: Any, print_fn=print) -> str:
+    """Prints (and returns) the layer table of a transformed model.
+
+    Columns: index, name, type, kind, parameter count, eligibility (or why not), and, when
+    example inputs are given, each layer's share of the backward FLOPs that dropping it skips.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+        *example_inputs: optional inputs for the FLOP column (small ones are fine).
+        print_fn: where the table goes. Default: ``print``.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)]))
+        >>> _ = ldbfx.summary(gm, torch.randn(4, 8), print_fn=lambda s: None)
+    """
+    layers = _layers(gm)
+    report = weight_grad_flops(gm, *example_inputs) if example_inputs else None
+    header = ["#", "name", "type", "kind", "params", "eligible"] + (["dW share"] if report else [])
+    rows = []
+    for l in layers:
+        row = [str(l.index), l.name, l.type, l.kind, f"{l.numel:,}", "yes" if l.eligible else f"no ({l.reason})"]
+        if report:
+            row.append(f"{100 * report.share(l.index):.1f}%")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    eligible = [l for l in layers if l.eligible]
+    footer = (f"{len(layers)} layers, {len(eligible)} eligible "
+              f"({sum(l.numel for l in eligible):,} of {sum(l.numel for l in layers):,} parameters)")
+    if report:
+        share = sum(report.weight_grad[l.index] for l in eligible) / max(report.backward, 1)
+        footer += f"; dropping every eligible layer skips {100 * share:.1f}% of the backward FLOPs"
+    lines.append(footer)
+    text = "\n".join(lines)
+    print_fn(text)
+    return text
+
+
+def to_networkx(gm: LdbGraphModule) -> networkx.DiGraph:
+    """The layer DAG: one node per layer (keyed by index), an edge where data flows between
+    layers without crossing another layer.
+
+    Node attributes: ``name``, ``type``, ``kind``, ``params``, ``numel``, ``eligible``, ``reason``.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]))
+        >>> sorted(ldbfx.to_networkx(gm).edges)
+        [(0, 1), (1, 2)]
+    """
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for l in _layers(gm):
+        graph.add_node(l.index, name=l.name, type=l.type, kind=l.kind, params=l.params,
+                       numel=l.numel, eligible=l.eligible, reason=l.reason)
+    graph.add_edges_from(gm.ldbfx_edges)
+    return graph

@@ -268,6 +268,39 @@ class _Conv(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+class _ConvInputGradOnly(torch.autograd.Function):
+    """Eager path of a dropped convolution whose input needs a gradient.
+
+    Autograd's own convolution node saves its input even when the weight is frozen; this one keeps
+    only the weight and the input's shape and layout, so the activation can be freed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.channels_last = (x.dim() == 4 and not x.is_contiguous()
+                             and x.is_contiguous(memory_format=torch.channels_last))
+        ctx.save_for_backward(weight)
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        # dX needs the input's shape (and layout, which picks the kernel), not its values.
+        if ctx.channels_last:
+            x_like = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=grad.device,
+                                 memory_format=torch.channels_last)
+        else:
+            x_like = grad.new_empty(1, dtype=ctx.x_dtype).expand(ctx.x_shape)
+        grad_x = _aten.convolution_backward(
+            grad, x_like, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
+            [True, False, False],
+        )[0]
+        return grad_x, None, None, None, None, None, None
+
+
 def conv(
     x: Tensor,
     weight: Tensor,
@@ -284,9 +317,14 @@ def conv(
     if not _needs_grad(x, weight, bias):
         return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
     if not _compiling():
-        if _is_dropped(mask, index):
-            weight, bias = weight.detach(), _detach(bias)
-        return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+        if not _is_dropped(mask, index):
+            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+        weight, bias = weight.detach(), _detach(bias)
+        if not x.requires_grad or x.dim() == n + 1:
+            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+        # Autocast would cast inside F.conv*d; cast here so dX comes back in x's own dtype.
+        x_cast, weight, bias = _autocast(x, weight, bias)
+        return _ConvInputGradOnly.apply(x_cast, weight, bias, stride, padding, dilation, groups)
     unbatched = x.dim() == n + 1
     if unbatched:  # what F.conv*d does internally for an unbatched input
         x = x.unsqueeze(0)

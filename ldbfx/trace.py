@@ -129,7 +129,7 @@ def trace_model(
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> TracedModel:
-    """Traces ``model`` in train and in eval mode; restores its mode afterwards.
+    """Traces ``model`` in train and in eval mode; restores every submodule's mode afterwards.
 
     Raises:
         TraceError: the model is not traceable; the message names the module and the fixes.
@@ -140,7 +140,7 @@ def trace_model(
             return LdbfxTracer(leaf_modules, autowrap_functions)
         return tracer_class(**(tracer_kwargs or {}))
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restore mixed modes exactly
     try:
         model.train()
         train_graph = _trace_one(model, make_tracer(), concrete_args)
@@ -149,7 +149,8 @@ def trace_model(
         eval_graph = _trace_one(model, make_tracer(), concrete_args)
         eval_constants = _collect_constants(model, eval_graph)
     finally:
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     # Tensor constants get fresh names per trace: compare the code with names unified, and values.
     if _normalized_code(train_graph) == _normalized_code(eval_graph) and _same_constants(
         train_constants, eval_constants

@@ -1,0 +1,96 @@
+"""set_dropped: names, errors, no retrace, optimizer semantics, eval, accumulation."""
+
+import pytest
+import torch
+from torch import nn
+
+import ldbfx
+
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(8)])
+    return model, ldbfx.transform(model)
+
+
+def test_names_indices_and_records_are_accepted():
+    _, gm = make()
+    ldbfx.set_dropped(gm, ["4", 5, ldbfx.layers(gm)[6]])
+    assert ldbfx.dropped(gm) == ("4", "5", "6")
+    ldbfx.set_dropped(gm, [-2])  # negative indices count from the end
+    assert ldbfx.dropped(gm) == ("6",)
+    ldbfx.set_dropped(gm, [])
+    assert ldbfx.dropped(gm) == ()
+
+
+def test_unknown_name_lists_the_valid_ones():
+    _, gm = make()
+    with pytest.raises(ldbfx.LayerNotFoundError, match=r"no eligible layer named 'conv'.*: 4, 5, 6"):
+        ldbfx.set_dropped(gm, ["conv"])
+    with pytest.raises(ldbfx.LayerNotFoundError, match=r"'0' \(index 0\) may not be dropped \(first 4\)"):
+        ldbfx.set_dropped(gm, [0])
+    with pytest.raises(ldbfx.LayerNotFoundError):
+        ldbfx.set_dropped(gm, [99])
+    with pytest.raises(TypeError, match="str or int"):
+        ldbfx.set_dropped(gm, [4.0])
+    assert isinstance(ldbfx.LayerNotFoundError("x"), KeyError)  # catchable like a missing key
+
+
+def test_mask_changes_without_retrace():
+    model, gm = make()
+    graph, code, forward = gm.graph, gm.code, type(gm).forward
+    for drop in (["4"], ["5", "6"], []):
+        ldbfx.set_dropped(gm, drop)
+        model.zero_grad(set_to_none=True)
+        gm(torch.randn(3, 6)).sum().backward()
+        assert {n for n in ("4", "5", "6") if model[int(n)].weight.grad is None} == set(drop)
+    assert gm.graph is graph and gm.code == code and type(gm).forward is forward
+
+
+def test_zero_grad_without_set_to_none_still_leaves_dropped_layers_untouched():
+    model, gm = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)
+        gm(torch.randn(3, 6)).sum().backward()
+        opt.step()
+    ldbfx.set_dropped(gm, ["5"])
+    before = model[5].weight.detach().clone()
+    momentum = opt.state[model[5].weight]["momentum_buffer"].clone()
+    opt.zero_grad(set_to_none=False)  # leaves a zero .grad that weight decay would act on
+    gm(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    assert torch.equal(model[5].weight, before)
+    assert torch.equal(opt.state[model[5].weight]["momentum_buffer"], momentum)
+
+
+def test_eval_and_no_grad_ignore_the_mask():
+    model, gm = make()
+    x = torch.randn(3, 6)
+    ldbfx.set_dropped(gm, ["4", "5", "6"])
+    gm.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert torch.equal(gm(x), model(x))
+
+
+def test_gradient_accumulation_with_a_fixed_mask():
+    model, gm = make()
+    xs = [torch.randn(3, 6) for _ in range(2)]
+    for x in xs:
+        model(x).sum().backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ldbfx.set_dropped(gm, ["5"])
+    for x in xs:  # the mask stays fixed over the accumulation window
+        gm(x).sum().backward()
+    for n, p in model.named_parameters():
+        if n.startswith("5."):
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, full[n])
+
+
+def test_set_dropped_requires_a_transformed_model():
+    with pytest.raises(TypeError, match="ldbfx.transform"):
+        ldbfx.set_dropped(nn.Linear(2, 2), [])

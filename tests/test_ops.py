@@ -1,0 +1,137 @@
+"""ldbfx.ops: every handler's function against the plain op, in the eager and the opaque path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldbfx import ops
+
+
+def _mask(n=3, dropped=()):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(dropped)] = True
+    return m
+
+
+def _leaves(*shapes, requires_grad=True):
+    return [torch.randn(*s, dtype=torch.float64, requires_grad=requires_grad) for s in shapes]
+
+
+CASES = {
+    "linear2d": (lambda x, w, b, m: ops.linear(x, w, b, m, 1), lambda x, w, b: F.linear(x, w, b),
+                 [(5, 4), (3, 4), (3,)]),
+    "linear3d": (lambda x, w, b, m: ops.linear(x, w, b, m, 1), lambda x, w, b: F.linear(x, w, b),
+                 [(2, 5, 4), (3, 4), (3,)]),
+    "matmul": (lambda x, w, m: ops.matmul(x, w, m, 1), lambda x, w: x @ w, [(2, 5, 4), (4, 3)]),
+    "conv2d_grouped": (
+        lambda x, w, b, m: ops.conv(x, w, b, (2, 1), (1, 0), (1, 2), 2, m, 1),
+        lambda x, w, b: F.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), 2), [(2, 4, 7, 6), (6, 2, 3, 2), (6,)]),
+    "conv1d": (lambda x, w, b, m: ops.conv(x, w, b, (1,), (1,), (1,), 1, m, 1),
+               lambda x, w, b: F.conv1d(x, w, b, 1, 1), [(2, 3, 9), (4, 3, 3), (4,)]),
+    "conv3d_depthwise": (lambda x, w, m: ops.conv(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 3, m, 1),
+                         lambda x, w: F.conv3d(x, w, None, 1, 1, 1, 3), [(1, 3, 4, 5, 5), (3, 1, 3, 3, 3)]),
+    "conv2d_unbatched": (lambda x, w, m: ops.conv(x, w, None, (1, 1), (1, 1), (1, 1), 1, m, 1),
+                         lambda x, w: F.conv2d(x, w, None, 1, 1), [(3, 5, 5), (2, 3, 3, 3)]),
+    "masked_param": (lambda x, p, m: x * ops.masked_param(p, m, 1), lambda x, p: x * p, [(4, 3), (3,)]),
+}
+
+
+def _grads(fn, leaves):
+    for t in leaves:
+        t.grad = None
+    out = fn(*leaves)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out, [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["eager", "opaque"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_op_matches_plain_op(case, opaque):
+    fn, ref, shapes = CASES[case]
+    leaves = _leaves(*shapes)
+    want_out, want = _grads(ref, leaves)
+    ctx = ops.opaque_path() if opaque else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with ctx:
+        out, kept = _grads(lambda *a: fn(*a, _mask()), leaves)
+        _, dropped = _grads(lambda *a: fn(*a, _mask(dropped=[1])), leaves)
+    assert torch.equal(out, want_out)
+    for got, exp in zip(kept, want):
+        torch.testing.assert_close(got, exp)
+    # Dropped: the input gradient is unchanged, every parameter gradient is skipped.
+    torch.testing.assert_close(dropped[0], want[0])
+    for g in dropped[1:]:
+        assert g is None if not opaque else (g is None or not g.any())
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["eager", "opaque"])
+def test_embedding(opaque):
+    weight = torch.randn(10, 4, requires_grad=True)
+    idx = torch.tensor([[1, 0, 3], [3, 3, 9]])
+    ref = F.embedding(idx, weight, padding_idx=-1, scale_grad_by_freq=True)
+    ref.square().sum().backward()
+    want, weight.grad = weight.grad.clone(), None
+    with ops.opaque_path() if opaque else torch.enable_grad():
+        out = ops.embedding(idx, weight, -1, True, _mask(), 1)
+        out.square().sum().backward()
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(weight.grad, want)
+        weight.grad = None
+        out = ops.embedding(idx, weight, -1, True, _mask(dropped=[1]), 1)
+        if opaque:  # the compiled path's Function yields a zero gradient (cleared before step)
+            out.square().sum().backward()
+            assert not weight.grad.any()
+        else:  # like a frozen weight: nothing upstream needs a gradient, so none is recorded
+            assert not out.requires_grad
+
+
+def test_no_grad_runs_the_plain_op():
+    x, w, b = _leaves((5, 4), (3, 4), (3,))
+    with torch.no_grad():
+        y = ops.linear(x, w, b, _mask(dropped=[1]), 1)
+    assert y.grad_fn is None and torch.equal(y, F.linear(x, w, b))
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_dropped_layer_does_not_keep_its_input_alive():
+    # A stack of convs: when the middle ones are dropped, their inputs (needed only for dW) are
+    # not saved for backward; the first conv's input is saved by nobody in either case.
+    w = [torch.randn(8, 8, 3, 3, requires_grad=True) for _ in range(4)]
+    x = torch.randn(4, 8, 32, 32)
+
+    def net(mask):
+        h = x
+        for i, wi in enumerate(w):
+            h = ops.conv(h, wi, None, (1, 1), (1, 1), (1, 1), 1, mask, i)
+        return h
+
+    kept = _saved_bytes(lambda: net(_mask(4)))
+    dropped = _saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
+    activation = x.numel() * x.element_size()
+    assert kept - dropped == 2 * activation
+
+
+def test_dropped_linear_does_not_keep_its_input_alive():
+    w = [torch.randn(64, 64, requires_grad=True) for _ in range(4)]
+    x = torch.randn(2, 16, 64)
+
+    def net(mask):
+        h = x
+        for i, wi in enumerate(w):
+            h = ops.linear(h, wi, None, mask, i)
+        return h
+
+    kept = _saved_bytes(lambda: net(_mask(4)))
+    dropped = _saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
+    assert kept - dropped == 2 * x.numel() * x.element_size()

@@ -1,0 +1,22 @@
+"""The README's first two commands are the set-up contract; .ci/run must run the second exactly."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    main_job, tests = _commands()
+    assert main_job.startswith("pip install -e .") and tests.endswith("python -m pytest -q")
+    assert (ROOT / "examples" / "quickstart.py").exists()
+
+
+def test_ci_runs_the_readme_test_command_exactly():
+    _, tests = _commands()
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -1,0 +1,118 @@
+"""Tracing: both training modes, trace-time constants, readable errors, tracer options."""
+
+import pytest
+import torch
+from torch import nn
+
+import ldbfx
+from contract import assert_outputs_equal
+from models import CUSTOM
+
+
+def test_mode_dependent_model_gets_two_graphs():
+    make_model, make_input = CUSTOM["mode_dependent"]
+    model = make_model()
+    gm = ldbfx.transform(model)
+    assert gm.code != gm.eval_code
+    assert "dropout" in gm.code and "dropout" in gm.eval_code  # F.dropout(training=...) baked per mode
+    x = make_input()
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        torch.manual_seed(1)
+        ref = model(x)
+        torch.manual_seed(1)
+        assert_outputs_equal(ref, gm(x))
+
+
+def test_models_without_mode_branches_get_one_graph():
+    gm = ldbfx.transform(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)), keep_first=0)
+    assert gm.eval_code == gm.code  # nn.Dropout is a leaf: it reads self.training at run time
+
+
+def test_tensor_constants_become_non_persistent_buffers():
+    make_model, _ = CUSTOM["mode_dependent"]
+    model = make_model()
+    gm = ldbfx.transform(model)
+    constants = [n for n, _ in gm.named_buffers() if n.startswith("_tensor_constant")]
+    assert constants, "the model creates a tensor in forward"
+    assert not any(n.startswith("_tensor_constant") for n in gm.state_dict())
+    assert not any(k.startswith("_tensor_constant") for k in vars(model))  # user's model untouched
+    gm.to(torch.float64)  # moved with the module, like any buffer
+    assert all(getattr(gm, n).dtype == torch.float64 for n in constants)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.lin(x)
+        return x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.body = nn.Sequential(nn.ReLU(), Branchy())
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_untraceable_model_names_the_module_and_the_fix():
+    with pytest.raises(ldbfx.TraceError) as info:
+        ldbfx.transform(Outer())
+    message = str(info.value)
+    assert "inside module 'body.1' (Branchy)" in message
+    assert "leaf_modules=[Branchy]" in message and "concrete_args" in message
+    assert isinstance(info.value.__cause__, Exception)
+
+
+def test_leaf_modules_fix_an_untraceable_module():
+    model = Outer()
+    gm = ldbfx.transform(model, leaf_modules=[Branchy], keep_first=0, keep_last=0)
+    layer = {l.name: l for l in ldbfx.layers(gm)}["body.1"]
+    assert layer.kind == "module" and layer.params == ("body.1.lin.weight", "body.1.lin.bias")
+    x = torch.randn(2, 4)
+    assert torch.equal(gm(x), model(x))
+    ldbfx.set_dropped(gm, ["body.1"])
+    gm(torch.ones(2, 4)).sum().backward()
+    assert model.body[1].lin.weight.grad is None and model.stem.weight.grad is not None
+
+
+class WithFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, use_b=True):
+        return self.b(self.a(x)) if use_b else self.a(x)
+
+
+def test_concrete_args():
+    model = WithFlag()
+    gm = ldbfx.transform(model, concrete_args={"use_b": False}, keep_first=0, keep_last=0)
+    assert [l.name for l in ldbfx.layers(gm)] == ["a"]
+
+
+def test_custom_tracer_class():
+    class CountingTracer(torch.fx.Tracer):
+        calls = 0
+
+        def trace(self, root, concrete_args=None):
+            CountingTracer.calls += 1
+            return super().trace(root, concrete_args)
+
+    gm = ldbfx.transform(nn.Sequential(*[nn.Linear(3, 3) for _ in range(6)]), tracer_class=CountingTracer)
+    assert CountingTracer.calls == 2  # one trace per training mode
+    assert len(ldbfx.layers(gm)) == 6
+
+
+def test_mixed_submodule_modes_are_kept():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    model[1].eval()  # a frozen-BN fine-tuning setup
+    gm = ldbfx.transform(model, keep_first=0)
+    assert gm.training and not gm.get_submodule("1").training
