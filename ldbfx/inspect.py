@@ -81,8 +81,9 @@ class _Attributing(fx.Interpreter):
 def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
     """Measures each layer's weight-gradient FLOPs and the full backward FLOPs on ``inputs``.
 
-    One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``; the
-    model's gradients are cleared afterwards. Runs in train mode on the given inputs.
+    One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``, in
+    train mode. The model is left as it was: buffers (BatchNorm statistics) are restored and
+    gradients cleared.
 
     Example:
         >>> import torch, ldbfx
@@ -93,6 +94,8 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
     """
     layers = _layers(gm)
     was_training = gm.training
+    # Train-mode forwards update BatchNorm statistics: measuring must not change the model.
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
     gm.train()
     saving = {l.index for l in layers if l.saves_compute}
     try:
@@ -107,6 +110,9 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
         gm.zero_grad(set_to_none=True)
     finally:
         gm.train(was_training)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
     per_layer = tuple(f if i in saving else 0 for i, f in enumerate(counter.flops))
     return FlopReport(per_layer, total.get_total_flops())
 

@@ -12,7 +12,9 @@ def test_weight_grad_flops_predicts_the_savings():
     model = torchvision.models.resnet18(num_classes=10)
     gm = ldbfx.transform(model)
     x = torch.randn(2, 3, 32, 32)
+    stats = model.bn1.running_mean.clone()
     report = ldbfx.inspect.weight_grad_flops(gm, x)
+    assert torch.equal(model.bn1.running_mean, stats)  # measuring leaves the model as it was
     eligible = [l for l in ldbfx.layers(gm) if l.eligible]
     predicted = sum(report.weight_grad[l.index] for l in eligible)
     full = backward_flops(lambda: gm(x).sum())
