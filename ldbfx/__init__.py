@@ -13,6 +13,7 @@ from .inspect import summary, to_networkx
 from .layers import Layer, layers
 from .mask import dropped, set_dropped
 from .module import LdbGraphModule
+from .policies import LayerDropBack
 from .rewrite import TransformConfig, transform
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "dropped",
     "summary",
     "to_networkx",
+    "LayerDropBack",
     "Layer",
     "LdbGraphModule",
     "TransformConfig",

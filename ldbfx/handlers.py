@@ -355,28 +355,22 @@ register_module_handler(nn.modules.batchnorm._BatchNorm, Handler(
 ))
 
 
-def _layer_norm_rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:
-    module = rw.root.get_submodule(node.target)
-    x = _bind_module(node, module)["input"]
-    weight, bias = _affine(rw, node, index, module)
-    return rw.call(F.layer_norm, (x, module.normalized_shape, weight, bias, module.eps))
+def _register_functional_norm(module_type: type, function: Callable, config: str) -> None:
+    """``module(x)`` -> ``function(x, module.<config>, weight, bias, module.eps)`` (gated affine)."""
+
+    def rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:
+        module = rw.root.get_submodule(node.target)
+        x = _bind_module(node, module)["input"]
+        weight, bias = _affine(rw, node, index, module)
+        return rw.call(function, (x, getattr(module, config), weight, bias, module.eps))
+
+    register_module_handler(module_type, Handler(
+        "norm", False, lambda node, m, root: _same_forward(m, module_type), rewrite
+    ))
 
 
-register_module_handler(nn.LayerNorm, Handler(
-    "norm", False, lambda node, m, root: _same_forward(m, nn.LayerNorm), _layer_norm_rewrite
-))
-
-
-def _group_norm_rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:
-    module = rw.root.get_submodule(node.target)
-    x = _bind_module(node, module)["input"]
-    weight, bias = _affine(rw, node, index, module)
-    return rw.call(F.group_norm, (x, module.num_groups, weight, bias, module.eps))
-
-
-register_module_handler(nn.GroupNorm, Handler(
-    "norm", False, lambda node, m, root: _same_forward(m, nn.GroupNorm), _group_norm_rewrite
-))
+_register_functional_norm(nn.LayerNorm, F.layer_norm, "normalized_shape")
+_register_functional_norm(nn.GroupNorm, F.group_norm, "num_groups")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,24 +7,22 @@ Before (``print(model_traced.code)``)::
 
 After (``print(ldbfx.transform(model).code)``)::
 
-    conv1_weight = self.conv1.weight
     _ldbfx_mask = self._ldbfx_mask
+    conv1_weight = self.conv1.weight
     conv1 = ldbfx_ops_conv(x, conv1_weight, None, (2, 2), (3, 3), (1, 1), 1, _ldbfx_mask, 0)
     ...
 
-The forward computation is unchanged op for op; only the backward of each layer is owned by
-:mod:`ldbfx.ops`, which reads ``_ldbfx_mask[index]`` to decide whether to compute the weight
-gradient.
+The forward computation is unchanged op for op; the functions of :mod:`ldbfx.ops` read
+``_ldbfx_mask[index]`` to decide whether layer ``index`` computes its weight gradient.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from . import ops
@@ -102,7 +100,8 @@ def _rewrite(graph: fx.Graph, root: nn.Module, plans: list[LayerPlan],
             node = node_plan.node
             if node_plan.handler is GENERIC_PARAM:
                 for arg in node.all_input_nodes:
-                    if id(_param_or_none(root, arg)) in plan.param_ids:
+                    param = _param_or_none(root, arg)
+                    if param is not None and id(param) in plan.param_ids:
                         node.replace_input_with(arg, rw.masked(arg, index))
                 continue
             name = node.name

@@ -128,7 +128,7 @@ def check_gradients(model, gm, inputs, drop: Sequence[ldbfx.Layer], rtol=1e-5, a
             assert g is None, f"dropped parameter {name} has a gradient"
         elif full[name] is not None:
             assert g is not None, f"kept parameter {name} lost its gradient"
-            torch.testing.assert_close(g, full[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g, full[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def check_optimizer(model, gm, inputs, drop: Sequence[ldbfx.Layer], make_optimizer) -> None:

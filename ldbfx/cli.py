@@ -1,0 +1,171 @@
+"""The ``ldbfx`` command: ``demo``, ``train``, ``inspect``, ``bench``. ``ldbfx CMD --help`` for options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _lr_scale(value: str):
+    if value in ("kappa", "none"):
+        return None
+    if value == "inverse_keep":
+        return value
+    return float(value)
+
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LayerDropBack policy")
+    g.add_argument("--drop-rate", type=float, default=0.3,
+                   help="probability that an eligible layer's weight gradient is skipped at a DROP-epoch step")
+    g.add_argument("--period", type=int, default=2, help="every PERIOD-th epoch (from epoch PERIOD on) is a DROP epoch")
+    g.add_argument("--kappa", type=float, default=2.0, help="batch-size factor in DROP epochs")
+    g.add_argument("--lr-scale", type=_lr_scale, default=None,
+                   help="LR factor in DROP epochs: a number, 'kappa' (default) or 'inverse_keep' (1/(1-drop_rate))")
+    g.add_argument("--resample", choices=["step", "epoch"], default="step",
+                   help="draw new layers every optimizer step or once per epoch")
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
+    p.add_argument("--model", default="resnet18", help="a torchvision or timm model name")
+    p.add_argument("--image-size", type=int, default=32, help="input resolution")
+    p.add_argument("--epochs", type=int, default=epochs, help="number of epochs")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="batch size of full epochs")
+    p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, Nesterov, cosine schedule)")
+    p.add_argument("--compile", action="store_true", help="train with torch.compile")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype (default: fp32)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, init and drop masks")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_policy_options(p)
+
+
+def _config(args, **overrides):
+    from .train import TrainConfig
+
+    fields = dict(
+        model=args.model, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, compile=args.compile, amp=args.amp, device=args.device, seed=args.seed,
+        progress=args.progress, drop_rate=args.drop_rate, period=args.period, kappa=args.kappa,
+        lr_scale=args.lr_scale, resample=args.resample,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(_config(args, data="digits", max_steps_per_epoch=args.max_steps), out_dir=args.out)
+    return 0
+
+
+def _train(args) -> int:
+    from .data import DataError
+    from .train import train
+
+    config = _config(args, data=args.data, data_dir=args.data_dir, policy=args.policy, out_dir=args.out,
+                     checkpoint=args.checkpoint, resume=args.resume)
+    try:
+        result = train(config, on_epoch=lambda r: print(
+            f"epoch {r['epoch']:>3} {r['mode']:>4}  batch {r['batch_size']:>4}  loss {r['train_loss']:.4f}"
+            f"  acc {100 * r['test_acc']:.2f}%  {r['epoch_time']:.1f}s"))
+    except DataError as e:
+        print(f"ldbfx train: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {len(result.history)} epochs in {result.train_time:.1f}s; "
+          f"final test accuracy {100 * result.final_accuracy:.2f}%; log in {args.out}/log.json")
+    return 0
+
+
+def _inspect(args) -> int:
+    import torch
+
+    from . import inspect as ins
+    from .rewrite import transform
+    from .train import build_model
+
+    model = build_model(args.model, args.num_classes)
+    gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last)
+    x = torch.randn(2, 3, args.input_size, args.input_size)
+    ins.summary(gm, x)
+    graph = ins.to_networkx(gm)
+    print(f"layer DAG: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges"
+          f"{'; train and eval graphs differ' if gm.eval_code != gm.code else ''}")
+    if args.code:
+        print(gm.code)
+    if args.dot:
+        with open(args.dot, "w") as f:
+            f.write("digraph layers {\n  node [shape=box, fontsize=10];\n")
+            for i, attrs in graph.nodes(data=True):
+                style = "" if attrs["eligible"] else ", style=filled, fillcolor=lightgrey"
+                f.write(f'  {i} [label="{i}: {attrs["name"]}\\n{attrs["type"]}"{style}];\n')
+            for a, b in graph.edges:
+                f.write(f"  {a} -> {b};\n")
+            f.write("}\n")
+        print(f"wrote {args.dot} (render with: dot -Tpng {args.dot} -o layers.png)")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run
+
+    run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="ldbfx", formatter_class=fmt,
+                                     description="Skip chosen layers' weight gradients (LayerDropBack) with a torch.fx pass.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", formatter_class=fmt,
+                       help="baseline vs LayerDropBack on the embedded digits dataset (no download)",
+                       description="Trains the model twice on scikit-learn's embedded handwritten digits "
+                                   "(same seed): baseline, then LayerDropBack. Prints a side-by-side table, "
+                                   "writes demo.png and demo.json.")
+    _add_run_options(p, epochs=8, batch_size=64)
+    p.add_argument("--out", default="ldbfx-out", help="output directory for the plot and JSON")
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick smoke runs)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train on your data, with or without LayerDropBack")
+    p.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder"], default="digits",
+                   help="dataset; all but digits read local files from --data-dir (never downloaded)")
+    p.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    p.add_argument("--policy", choices=["none", "ldb"], default="ldb", help="training policy")
+    _add_run_options(p, epochs=10, batch_size=64)
+    p.add_argument("--out", default="ldbfx-out", help="directory for log.json and log.csv")
+    p.add_argument("--checkpoint", default=None, help="save model/optimizer/scheduler/policy here every epoch")
+    p.add_argument("--resume", default=None, help="resume from this checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("inspect", formatter_class=fmt, help="the layer table and graph of a model")
+    p.add_argument("model", help="a torchvision or timm model name")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier width")
+    p.add_argument("--input-size", type=int, default=224, help="input resolution for the FLOP column")
+    p.add_argument("--keep-first", type=int, default=4, help="first layers that always train")
+    p.add_argument("--keep-last", type=int, default=1, help="last layers that always train")
+    p.add_argument("--code", action="store_true", help="print the rewritten graph's code")
+    p.add_argument("--dot", default=None, help="write the layer DAG for Graphviz to this file")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("bench", formatter_class=fmt,
+                       help="backward FLOPs and step times vs the requires_grad ideal, at drop fractions")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ldbfx command: help texts, inspect, a tiny demo, clear data errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ldbfx.cli import main
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "inspect", "bench"])
+def test_help_lists_defaults(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "default:" in text and "--" in text
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "ldbfx", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "inspect" in out.stdout
+
+
+def test_inspect_prints_the_table_and_writes_dot(tmp_path, capsys):
+    dot = tmp_path / "layers.dot"
+    assert main(["inspect", "resnet18", "--input-size", "32", "--dot", str(dot)]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out and "dW share" in out and "layer DAG: 41 nodes" in out
+    text = dot.read_text()
+    assert text.startswith("digraph layers") and "0 -> 1;" in text
+
+
+def test_tiny_demo_writes_plot_and_json(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "3", "--max-steps", "2", "--batch-size", "16", "--no-progress",
+                 "--out", str(out)]) == 0
+    figures = json.loads((out / "demo.json").read_text())
+    assert set(figures["train_time"]) == {"baseline", "ldb"}
+    assert [r["mode"] for r in figures["ldb"]] == ["full", "full", "drop"]
+    assert (out / "demo.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "speed-up, controlled estimate" in printed and "from skipped dW" in printed
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "never downloads" in err
