@@ -45,25 +45,25 @@ def _check(gm: object) -> LdbGraphModule:
 
 
 def _index(gm: LdbGraphModule, layer: str | int | Layer) -> int:
+    """Resolves one layer reference in O(1); the list of valid names is built only for errors."""
     layers = gm.ldbfx_layers
     if isinstance(layer, Layer):
         layer = layer.index
     if isinstance(layer, str):
         index = gm._ldbfx_index.get(layer)
     elif isinstance(layer, int) and not isinstance(layer, bool):
-        index = layer if -len(layers) <= layer < len(layers) else None
-        index = None if index is None else index % len(layers)
+        index = layer % len(layers) if -len(layers) <= layer < len(layers) else None
     else:
         raise TypeError(f"layers are named by str or int index, got {type(layer).__name__}: {layer!r}")
+    if index is not None and layers[index].eligible:
+        return index
     eligible = [l.name for l in layers if l.eligible]
     if index is None:
         raise LayerNotFoundError.unknown(layer, eligible)
-    if not layers[index].eligible:
-        raise LayerNotFoundError(
-            f"layer {layers[index].name!r} (index {index}) may not be dropped ({layers[index].reason}). "
-            f"Eligible layers are: {', '.join(eligible) or '(none)'}"
-        )
-    return index
+    raise LayerNotFoundError(
+        f"layer {layers[index].name!r} (index {index}) may not be dropped ({layers[index].reason}). "
+        f"Eligible layers are: {', '.join(eligible) or '(none)'}"
+    )
 
 
 def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None:

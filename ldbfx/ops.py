@@ -124,8 +124,8 @@ def _(grad2d, x2d, mask, index, with_bias):
     )
 
 
-@torch.library.custom_op("ldbfx::conv_weight_grad", mutates_args=(), tags=_TAGS)
-def _conv_weight_grad(
+@torch.library.custom_op("ldbfx::conv_backward", mutates_args=(), tags=_TAGS)
+def _conv_backward(
     grad: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -135,23 +135,40 @@ def _conv_weight_grad(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    want_input: bool,
+    want_weight: bool,
     with_bias: bool,
-) -> tuple[Tensor, Tensor]:
-    out_channels = weight.shape[0] if with_bias else 0
-    if bool(mask[index]):
-        return torch.zeros_like(weight), grad.new_zeros(out_channels)
-    _, grad_weight, grad_bias = _aten.convolution_backward(
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole convolution backward in one call, as aten does it (computing dX and dW in two
+    calls measured slower on CPU), with dW and db skipped when the layer is dropped. Outputs not
+    wanted come back empty."""
+    keep = not bool(mask[index])
+    gx, gw, gb = _aten.convolution_backward(
         grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
-        False, [0] * len(stride), groups, [False, True, with_bias],
+        False, [0] * len(stride), groups, [want_input, want_weight and keep, with_bias and keep],
     )
-    if grad_weight.stride() != weight.stride():  # match the fake's layout (empty_like(weight))
-        grad_weight = torch.empty_like(weight).copy_(grad_weight)
-    return grad_weight, grad_bias if with_bias else grad.new_zeros(0)
+    if gx is None:  # unwanted outputs: distinct empty tensors (outputs may not alias)
+        gx = grad.new_empty(0)
+    elif gx.stride() != x.stride():  # match the fake's layout (empty_like(x))
+        gx = torch.empty_like(x).copy_(gx)
+    if not want_weight:
+        gw = grad.new_empty(0)
+    elif gw is None:
+        gw = torch.zeros_like(weight)
+    elif gw.stride() != weight.stride():
+        gw = torch.empty_like(weight).copy_(gw)
+    if not with_bias:
+        gb = grad.new_empty(0)
+    elif gb is None:
+        gb = grad.new_zeros(weight.shape[0])
+    return gx, gw, gb
 
 
-@_conv_weight_grad.register_fake
-def _(grad, x, weight, mask, index, stride, padding, dilation, groups, with_bias):
-    return torch.empty_like(weight), grad.new_empty(weight.shape[0] if with_bias else 0)
+@_conv_backward.register_fake
+def _(grad, x, weight, mask, index, stride, padding, dilation, groups, want_input, want_weight, with_bias):
+    return (torch.empty_like(x) if want_input else grad.new_empty(0),
+            torch.empty_like(weight) if want_weight else grad.new_empty(0),
+            grad.new_empty(weight.shape[0]) if with_bias else grad.new_empty(0))
 
 
 @torch.library.custom_op("ldbfx::embedding_weight_grad", mutates_args=(), tags=_TAGS)
@@ -254,19 +271,13 @@ class _Conv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        want_weight = ctx.needs_input_grad[1]
+        want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = ctx.with_bias and ctx.needs_input_grad[2]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _aten.convolution_backward(
-                grad, x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups,
-                [True, False, False],
-            )[0]
-        if want_weight or want_bias:
-            grad_w, grad_b = _conv_weight_grad(
-                grad, x, weight, mask, ctx.index, stride, padding, dilation, groups, want_bias
-            )
-        return (grad_x, grad_w if want_weight else None, grad_b if want_bias else None,
+        if not (want_x or want_weight or want_bias):
+            return None, None, None, None, None, None, None, None, None
+        gx, gw, gb = _conv_backward(grad, x, weight, mask, ctx.index, stride, padding, dilation,
+                                    groups, want_x, want_weight, want_bias)
+        return (gx if want_x else None, gw if want_weight else None, gb if want_bias else None,
                 None, None, None, None, None, None)
 
 

@@ -39,8 +39,8 @@ def is_drop_epoch(epoch: int, period: int) -> bool:
 
 def draw_dropped(generator: torch.Generator, candidates: tuple[int, ...], drop_rate: float) -> tuple[int, ...]:
     """Eq. 2: each candidate layer is dropped independently with probability ``drop_rate``."""
-    draws = torch.rand(len(candidates), generator=generator)
-    return tuple(c for c, u in zip(candidates, draws.tolist()) if u < drop_rate)
+    chosen = (torch.rand(len(candidates), generator=generator) < drop_rate).nonzero().flatten()
+    return tuple(candidates[i] for i in chosen.tolist())  # Python work: O(dropped)
 
 
 class LayerDropBack:
