@@ -103,13 +103,18 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     return bound if all(n in bound for n in names) else None
 
 
-def _is_param(arg: Any, root: nn.Module) -> bool:
+def param_of(arg: Any, root: nn.Module) -> nn.Parameter | None:
+    """The parameter a ``get_attr`` node reads, or None (other node, buffer, trace-time constant)."""
     if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-        return False
-    try:
-        return isinstance(root.get_parameter(arg.target), nn.Parameter)
-    except AttributeError:
-        return False
+        return None
+    obj = root
+    for atom in arg.target.split("."):
+        obj = getattr(obj, atom, None)  # trace-time constants live on the graph module only
+    return obj if isinstance(obj, nn.Parameter) else None
+
+
+def _is_param(arg: Any, root: nn.Module) -> bool:
+    return param_of(arg, root) is not None
 
 
 def _same_forward(module: nn.Module, base: type, *methods: str) -> bool:

@@ -81,23 +81,11 @@ class LayerPlan:
     param_ids: list[int]
 
 
-def _resolve(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom, None)  # trace-time constants live on the graph module only
-    return obj
-
-
 def _node_params(node: fx.Node, root: nn.Module) -> list[tuple[int, nn.Parameter]]:
     if node.op == "call_module":
         return [(id(p), p) for p in root.get_submodule(node.target).parameters()]
-    found = []
-    for arg in node.all_input_nodes:
-        if arg.op == "get_attr":
-            value = _resolve(root, arg.target)
-            if isinstance(value, nn.Parameter):
-                found.append((id(value), value))
-    return found
+    params = (handlers.param_of(arg, root) for arg in node.all_input_nodes)
+    return [(id(p), p) for p in params if p is not None]
 
 
 def _handler(node: fx.Node, root: nn.Module) -> Handler:

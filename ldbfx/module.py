@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,13 +19,6 @@ __all__ = ["LdbGraphModule", "MASK_ATTR"]
 #: Attribute holding the CPU bool mask (``True`` = layer dropped). A plain attribute, not a
 #: buffer: ``.to("cuda")`` must leave it on the CPU, where reading it costs no device sync.
 MASK_ATTR = "_ldbfx_mask"
-
-
-def _resolve(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 class LdbGraphModule(fx.GraphModule):
@@ -47,7 +41,7 @@ class LdbGraphModule(fx.GraphModule):
         targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
                    if n.op in ("get_attr", "call_module")}
         self.__dict__["_ldbfx_eval_graph"] = eval_graph  # read by recompile() during __init__
-        super().__init__({t: lookup[t] if t in lookup else _resolve(model, t) for t in targets},
+        super().__init__({t: lookup[t] if t in lookup else attrgetter(t)(model) for t in targets},
                          graph, class_name=type(model).__name__)
         # Adopt the model's own hierarchy, so nothing is copied and nothing is missing: unused
         # parameters and non-persistent buffers stay exactly as the model declares them.

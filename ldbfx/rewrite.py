@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from . import ops
 from .errors import NoEligibleLayerWarning
-from .handlers import GENERIC_PARAM
+from .handlers import GENERIC_PARAM, param_of
 from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
 from .module import MASK_ATTR, LdbGraphModule
 from .trace import trace_model
@@ -100,7 +100,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, plans: list[LayerPlan],
             node = node_plan.node
             if node_plan.handler is GENERIC_PARAM:
                 for arg in node.all_input_nodes:
-                    param = _param_or_none(root, arg)
+                    param = param_of(arg, root)
                     if param is not None and id(param) in plan.param_ids:
                         node.replace_input_with(arg, rw.masked(arg, index))
                 continue
@@ -115,15 +115,6 @@ def _rewrite(graph: fx.Graph, root: nn.Module, plans: list[LayerPlan],
             graph._graph_namespace._used_names.discard(name)
             new._rename(name)
     graph.lint()
-
-
-def _param_or_none(root: nn.Module, node: fx.Node) -> nn.Parameter | None:
-    if node.op != "get_attr":
-        return None
-    try:
-        return root.get_parameter(node.target)
-    except AttributeError:
-        return None
 
 
 def transform(
