@@ -288,7 +288,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                 "machine": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "args": vars(args),
+                "threads": torch.get_num_threads(),
+                "args": {k: v for k, v in vars(args).items() if not callable(v)},  # not the CLI handler
                 "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)

@@ -48,3 +48,14 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "never downloads" in err
+
+
+def test_bench_runs_and_checks_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "resnet18", "--resolution", "32", "--batch", "2", "--steps", "1",
+                 "--rounds", "1", "--warmup", "0", "--fractions", "0", "0.5", "--no-compile",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    half = data["rows"][1]
+    assert half["flops_ldbfx"] == half["flops_ideal"] < half["flops_baseline"]
+    assert "resnet18 @ 0.5: FLOPs saved" in capsys.readouterr().out

@@ -61,3 +61,9 @@ def test_compiled_training():
 def test_invalid_config():
     with pytest.raises(ValueError, match="policy must be"):
         TrainConfig(policy="cdb")
+
+
+def test_bf16_autocast_training():
+    result = train(replace(TINY, policy="ldb", amp="bf16", epochs=3, max_steps_per_epoch=2))
+    assert [r["mode"] for r in result.history] == ["full", "full", "drop"]
+    assert all(r["train_loss"] == r["train_loss"] for r in result.history)  # finite, not NaN
