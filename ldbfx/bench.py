@@ -37,6 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ldbfx
 
+from .train import _sync
+
 __all__ = ["add_arguments", "run", "main"]
 
 
@@ -50,11 +52,6 @@ def make_model(name: str, resolution: int) -> torch.nn.Module:
         # layer widths (ViT-B/16 at 224 px has 197 tokens).
         return torchvision.models.get_model(name, image_size=resolution)
     return build_model(name, 1000)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class Runner:
@@ -84,10 +81,10 @@ class Runner:
             self.step(params, after_backward)
         times = []
         for _ in range(steps):
-            sync(self.device)
+            _sync(self.device)
             start = time.perf_counter()
             self.step(params, after_backward)
-            sync(self.device)
+            _sync(self.device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
