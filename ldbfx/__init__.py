@@ -11,9 +11,9 @@ Example:
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
 from .inspect import summary, to_networkx
 from .layers import Layer, layers
-from .mask import dropped, set_dropped
+from .mask import dropped, frozen_rows, set_dropped, set_frozen_rows
 from .module import LdbGraphModule
-from .policies import LayerDropBack
+from .policies import ChannelDropBack, LayerDropBack, LearnAndDrop
 from .rewrite import TransformConfig, transform
 
 __version__ = "0.1.0"
@@ -23,9 +23,13 @@ __all__ = [
     "layers",
     "set_dropped",
     "dropped",
+    "set_frozen_rows",
+    "frozen_rows",
     "summary",
     "to_networkx",
     "LayerDropBack",
+    "ChannelDropBack",
+    "LearnAndDrop",
     "Layer",
     "LdbGraphModule",
     "TransformConfig",

@@ -15,15 +15,20 @@ dropped during any micro-batch of an accumulation window gets no update for the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
+from . import ops
 from .errors import LayerNotFoundError
 from .layers import Layer
 from .module import MASK_ATTR, LdbGraphModule
 
-__all__ = ["set_dropped", "dropped"]
+__all__ = ["set_dropped", "dropped", "set_frozen_rows", "frozen_rows"]
 
 _WITH_DROPPED: weakref.WeakSet[LdbGraphModule] = weakref.WeakSet()
 _hook_handle = None
@@ -112,3 +117,139 @@ def dropped(gm: LdbGraphModule) -> tuple[str, ...]:
     gm = _check(gm)
     mask = gm.__dict__[MASK_ATTR]
     return tuple(gm.ldbfx_layers[i].name for i in mask.nonzero().flatten().tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# Row-level freezing (ChannelDropBack): some output rows / input columns of a layer get no update.
+# ------------------------------------------------------------------------------------------------
+_ROW_KINDS = ("linear", "conv")
+_WITH_ROWS: weakref.WeakSet[LdbGraphModule] = weakref.WeakSet()
+_row_hooks = None
+_saved_rows: dict[int, list] = {}  # id(optimizer) -> what the pre-hook saved for the post-hook
+
+
+def _frozen_slices(gm: LdbGraphModule):
+    """``(param, dim, frozen indices)`` for every frozen slice of ``gm``."""
+    for index, rows in gm._ldbfx_rows.items():
+        weight, bias = gm._ldbfx_row_params[index]
+        yield weight, rows.dim, rows.frozen
+        if bias is not None and rows.dim == 0:
+            yield bias, 0, rows.frozen
+
+
+def _save_frozen_rows(optimizer, args, kwargs) -> None:
+    # Saving and restoring the frozen slices makes the update rule exact for any optimizer:
+    # weight decay, momentum and Adam's moments leave them bit-for-bit unchanged.
+    saved = []
+    for gm in _WITH_ROWS:
+        for param, dim, frozen in _frozen_slices(gm):
+            state = optimizer.state.get(param, {})
+            buffers = {k: v.index_select(dim, frozen) for k, v in state.items()
+                       if isinstance(v, torch.Tensor) and v.shape == param.shape}
+            saved.append((param, dim, frozen, param.detach().index_select(dim, frozen), buffers))
+    _saved_rows[id(optimizer)] = saved
+
+
+def _restore_frozen_rows(optimizer, args, kwargs) -> None:
+    with torch.no_grad():
+        for param, dim, frozen, values, buffers in _saved_rows.pop(id(optimizer), ()):
+            param.index_copy_(dim, frozen, values)
+            for key, state in optimizer.state.get(param, {}).items():
+                if not (isinstance(state, torch.Tensor) and state.shape == param.shape):
+                    continue
+                if key in buffers:
+                    state.index_copy_(dim, frozen, buffers[key])
+                else:  # created by this step: what it would hold had the rows never trained
+                    state.index_fill_(dim, frozen, 0)
+
+
+def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:
+    layers = gm.ldbfx_layers
+    index = layer.index if isinstance(layer, Layer) else (
+        gm._ldbfx_index.get(layer) if isinstance(layer, str) else layer)
+    if not isinstance(index, int) or not -len(layers) <= index < len(layers):
+        raise LayerNotFoundError.unknown(layer, [l.name for l in layers if l.kind in _ROW_KINDS])
+    record = layers[index]
+    if record.kind not in _ROW_KINDS or record.reason == "frozen":
+        raise LayerNotFoundError(
+            f"layer {record.name!r} (kind {record.kind!r}{', frozen' if record.reason == 'frozen' else ''}) "
+            f"cannot freeze rows: only trainable {' and '.join(_ROW_KINDS)} layers can. "
+            f"Those are: {', '.join(l.name for l in layers if l.kind in _ROW_KINDS and l.reason != 'frozen')}")
+    return index % len(layers)
+
+
+def _row_params(gm: LdbGraphModule, index: int):
+    params = gm._ldbfx_layer_params[index]
+    weight = next(p for p in params if p.dim() >= 2)
+    bias = next((p for p in params if p.dim() == 1 and p.shape[0] == weight.shape[0]), None)
+    return weight, bias
+
+
+def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object], dim: int = 0,
+                    exact: bool = True) -> None:
+    """Freezes some output rows (``dim=0``) or input columns (``dim=1``) of linear/conv layers.
+
+    From the next forward on, the weight gradient of each listed layer is computed for its other
+    slices only (the backward's ``dW`` FLOPs shrink in proportion; grouped convolutions compute
+    it all and zero the frozen slices). ``optimizer.step()`` leaves the frozen slices of the
+    weight, of the bias (``dim=0``: the frozen channels' biases) and of the optimizer state
+    bit-for-bit unchanged. ``{}`` restores full updates. The input gradient is always complete.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+        rows: layer (name, index or :class:`ldbfx.Layer`) -> frozen indices along ``dim`` (a
+            sequence or 1-D integer tensor) or a bool tensor over ``dim`` (``True`` = frozen).
+        dim: 0 for output channels / rows, 1 for input channels / columns.
+        exact: keep the frozen slices of weights and optimizer state bit-for-bit (default). With
+            ``False`` only their gradient is zero, so weight decay and momentum still move them.
+
+    Raises:
+        LayerNotFoundError: a layer does not exist or is not a trainable linear/conv layer.
+        ValueError: ``dim`` is not 0 or 1, or an index is out of range.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)))
+        >>> ldbfx.set_frozen_rows(gm, {"0": [1, 3]})
+        >>> ldbfx.frozen_rows(gm)
+        {'0': [1, 3]}
+        >>> ldbfx.set_frozen_rows(gm, {})
+    """
+    global _row_hooks
+    gm = _check(gm)
+    if dim not in (0, 1):
+        raise ValueError(f"dim must be 0 (output rows) or 1 (input columns), got {dim!r}")
+    table = {}
+    for layer, frozen in rows.items():
+        index = _row_layer(gm, layer)
+        weight, bias = _row_params(gm, index)
+        size = weight.shape[dim]
+        frozen = torch.as_tensor(frozen)
+        if frozen.dtype == torch.bool:
+            if frozen.shape != (size,):
+                raise ValueError(f"bool row mask of {gm.ldbfx_layers[index].name!r} must have shape ({size},)")
+            frozen = frozen.nonzero().flatten()
+        frozen = frozen.to(torch.long).flatten().unique()
+        if frozen.numel() and (int(frozen.min()) < 0 or int(frozen.max()) >= size):
+            raise ValueError(f"row index out of range for {gm.ldbfx_layers[index].name!r} (size {size} along dim {dim})")
+        if not frozen.numel():
+            continue
+        keep = torch.ones(size, dtype=torch.bool)
+        keep[frozen] = False
+        table[index] = ops.RowSelection(dim, keep.nonzero().flatten().to(weight.device), frozen.to(weight.device))
+        gm._ldbfx_row_params[index] = (weight, bias)
+    gm._ldbfx_rows = table
+    ops.register_rows(gm.__dict__[MASK_ATTR], table)
+    if table and exact:
+        _WITH_ROWS.add(gm)
+        if _row_hooks is None:
+            _row_hooks = (register_optimizer_step_pre_hook(_save_frozen_rows),
+                          register_optimizer_step_post_hook(_restore_frozen_rows))
+    else:
+        _WITH_ROWS.discard(gm)
+
+
+def frozen_rows(gm: LdbGraphModule) -> dict[str, list[int]]:
+    """Layer name -> frozen indices (along the ``dim`` of the last :func:`set_frozen_rows`)."""
+    gm = _check(gm)
+    return {gm.ldbfx_layers[i].name: rows.frozen.tolist() for i, rows in gm._ldbfx_rows.items()}

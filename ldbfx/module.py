@@ -66,6 +66,17 @@ class LdbGraphModule(fx.GraphModule):
         self._ldbfx_layer_params = tuple(tuple(named[p] for p in layer.params) for layer in layers)
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
         self._ldbfx_dropped_params: tuple[nn.Parameter, ...] = ()
+        self._ldbfx_rows: dict = {}  # layer index -> ops.RowSelection (ldbfx.set_frozen_rows)
+        self._ldbfx_row_params: dict = {}
+        self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
+
+    def train(self, mode: bool = True):
+        """Sets the training mode, except for modules pinned in eval mode (Learn&Drop's frozen
+        prefix: its BatchNorm layers keep using, and stop updating, their running statistics)."""
+        super().train(mode)
+        for module in self.__dict__.get("_ldbfx_pinned_eval", ()):
+            module.train(False)
+        return self
 
     def recompile(self):
         """Regenerates ``forward``; with two graphs it dispatches on ``self.training``."""
@@ -96,6 +107,8 @@ class LdbGraphModule(fx.GraphModule):
         result = type(self).__new__(type(self))
         memo[id(self)] = result
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        # Row selections are registered per mask storage; the copy starts with none.
+        result._ldbfx_rows, result._ldbfx_row_params = {}, {}
         result.graph = result._graph  # re-owns the graph and regenerates forward
         return result
 

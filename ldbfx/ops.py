@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "opaque_path", "linear", "conv", "matmul", "embedding", "masked_param", "batch_norm", "module_call",
-    "multi_head_attention", "routed_call",
+    "multi_head_attention", "routed_call", "RowSelection", "register_rows", "row_selection",
 ]
 
 _aten = torch.ops.aten
@@ -98,6 +100,143 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 # --------------------------------------------------------------------------------------------
+# Row selections (ChannelDropBack): a kept layer may compute its weight gradient for some output
+# rows (dim 0) or input columns (dim 1) only. :func:`ldbfx.mask.set_frozen_rows` registers the
+# selections of one model under its mask's storage, which every op of that model receives: no
+# graph change, nothing to retrace, and a model without selections pays one empty-dict test.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowSelection:
+    """Which slices of a layer's weight train this step.
+
+    Attributes:
+        dim: 0 = output rows / channels (the bias entries of frozen rows freeze too), 1 = input
+            columns / channels (the bias trains).
+        kept: indices of the slices that train, on the weight's device.
+        frozen: indices of the slices that do not.
+    """
+
+    dim: int
+    kept: Tensor
+    frozen: Tensor
+
+
+_ROW_TABLES: dict[int, tuple[weakref.ref, dict[int, RowSelection]]] = {}
+
+
+def register_rows(mask: Tensor, table: dict[int, RowSelection]) -> None:
+    """Makes ``table`` (layer index -> selection) the row selections of the model owning ``mask``."""
+    key = mask.untyped_storage().data_ptr()
+    if table:
+        _ROW_TABLES[key] = (weakref.ref(mask), table)
+    else:
+        _ROW_TABLES.pop(key, None)
+
+
+def row_selection(mask: Tensor, index: int) -> RowSelection | None:
+    """The selection of layer ``index`` of the model owning ``mask``, or None (all rows train)."""
+    if not _ROW_TABLES:
+        return None
+    entry = _ROW_TABLES.get(mask.untyped_storage().data_ptr())
+    if entry is None:
+        return None
+    if entry[0]() is None:  # the model died and its storage address was reused: forget it
+        del _ROW_TABLES[mask.untyped_storage().data_ptr()]
+        return None
+    return entry[1].get(index)
+
+
+def _linear_weight_grad_rows(grad2d: Tensor, x2d: Tensor, rows: RowSelection, with_bias: bool):
+    """``dW`` (and ``db``) of ``y = x @ W.T + b`` for the kept slices only: FLOPs in proportion."""
+    grad_w = grad2d.new_zeros(grad2d.shape[1], x2d.shape[1])
+    if not rows.kept.numel():
+        return grad_w, (grad2d.sum(0) if rows.dim == 1 else grad2d.new_zeros(grad2d.shape[1])) if with_bias else None
+    if rows.dim == 0:
+        g = grad2d.index_select(1, rows.kept)
+        grad_w.index_copy_(0, rows.kept, g.t().mm(x2d))
+        grad_b = grad2d.new_zeros(grad2d.shape[1]).index_copy_(0, rows.kept, g.sum(0)) if with_bias else None
+    else:
+        grad_w.index_copy_(1, rows.kept, grad2d.t().mm(x2d.index_select(1, rows.kept)))
+        grad_b = grad2d.sum(0) if with_bias else None
+    return grad_w, grad_b
+
+
+def _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows: RowSelection,
+                           with_bias: bool):
+    """``dW`` (and ``db``) of a convolution for the kept output (dim 0) or input (dim 1) channels.
+
+    Grouped convolutions mix channels across groups, so slicing would change the op: they compute
+    the whole ``dW`` and zero the frozen slices (right values, no saving).
+    """
+    if groups != 1:
+        _, grad_w, grad_b = _aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, [False, True, with_bias])
+        grad_w.index_fill_(rows.dim, rows.frozen, 0)
+        if with_bias and rows.dim == 0:
+            grad_b.index_fill_(0, rows.frozen, 0)
+        return grad_w, grad_b
+    if not rows.kept.numel():  # every slice frozen: nothing to compute
+        bias_grad = grad.sum([d for d in range(grad.dim()) if d != 1]) if rows.dim == 1 else grad.new_zeros(weight.shape[0])
+        return torch.zeros_like(weight), bias_grad if with_bias else None
+    if rows.dim == 0:
+        grad, w = grad.index_select(1, rows.kept), weight.index_select(0, rows.kept)
+    else:
+        x, w = x.index_select(1, rows.kept), weight.index_select(1, rows.kept)
+    _, part_w, part_b = _aten.convolution_backward(
+        grad, x, w, [w.shape[0]] if with_bias else None, stride, padding, dilation,
+        False, [0] * len(stride), 1, [False, True, with_bias and rows.dim == 0])
+    grad_w = torch.zeros_like(weight).index_copy_(rows.dim, rows.kept, part_w)
+    grad_b = None
+    if with_bias:
+        if rows.dim == 0:
+            grad_b = grad.new_zeros(weight.shape[0]).index_copy_(0, rows.kept, part_b)
+        else:
+            grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
+    return grad_w, grad_b
+
+
+class _LinearRows(torch.autograd.Function):
+    """Eager path of a linear layer with a row selection: full ``dX``, ``dW`` for kept slices."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows):
+        ctx.rows, ctx.x_shape, ctx.with_bias = rows, x.shape, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad2d.mm(weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w, grad_b = _linear_weight_grad_rows(grad2d, x.reshape(-1, x.shape[-1]), ctx.rows, ctx.with_bias)
+        return grad_x, grad_w, grad_b if ctx.needs_input_grad[2] else None, None
+
+
+class _ConvRows(torch.autograd.Function):
+    """Eager path of a convolution with a row selection: full ``dX``, ``dW`` for kept slices."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rows):
+        ctx.conv, ctx.rows, ctx.with_bias = (stride, padding, dilation, groups), rows, bias is not None
+        ctx.save_for_backward(x, weight)
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                [0] * len(stride), groups, [True, False, False])[0]
+        grad_w, grad_b = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups,
+                                                ctx.rows, ctx.with_bias)
+        return grad_x, grad_w, grad_b if ctx.needs_input_grad[2] else None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
 # Opaque weight-gradient kernels for the compiled path. They read the mask at run time.
 # ``flexible_layout`` and returning exactly the strides of the fake keep Inductor from inserting
 # layout copies around them (the prototype in the core issue measured +27% on a channels_last
@@ -113,6 +252,10 @@ def _linear_weight_grad(
     out_features = grad2d.shape[1] if with_bias else 0
     if bool(mask[index]):
         return grad2d.new_zeros(grad2d.shape[1], x2d.shape[1]), grad2d.new_zeros(out_features)
+    rows = row_selection(mask, index)
+    if rows is not None:
+        grad_w, grad_b = _linear_weight_grad_rows(grad2d, x2d, rows, with_bias)
+        return grad_w, grad_b if with_bias else grad2d.new_zeros(0)
     grad_bias = grad2d.sum(0) if with_bias else grad2d.new_zeros(0)
     return grad2d.t().mm(x2d), grad_bias
 
@@ -143,10 +286,14 @@ def _conv_backward(
     calls measured slower on CPU), with dW and db skipped when the layer is dropped. Outputs not
     wanted come back empty."""
     keep = not bool(mask[index])
+    rows = row_selection(mask, index) if keep else None
     gx, gw, gb = _aten.convolution_backward(
         grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
-        False, [0] * len(stride), groups, [want_input, want_weight and keep, with_bias and keep],
+        False, [0] * len(stride), groups,
+        [want_input, want_weight and keep and rows is None, with_bias and keep and rows is None],
     )
+    if rows is not None and (want_weight or with_bias):
+        gw, gb = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows, with_bias)
     if gx is None:  # unwanted outputs: distinct empty tensors (outputs may not alias)
         gx = grad.new_empty(0)
     elif gx.stride() != x.stride():  # match the fake's layout (empty_like(x))
@@ -238,6 +385,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, index: 
     if not _compiling():
         if _is_dropped(mask, index):
             weight, bias = weight.detach(), _detach(bias)
+        elif (rows := row_selection(mask, index)) is not None and weight.requires_grad:
+            x, weight, bias = _autocast(x, weight, bias)
+            return _LinearRows.apply(x, weight, bias, rows)
         return F.linear(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     return _Linear.apply(x, weight, bias, mask, index, False)
@@ -329,7 +479,13 @@ def conv(
         return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
     if not _compiling():
         if not _is_dropped(mask, index):
-            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+            rows = row_selection(mask, index)
+            if rows is None or not weight.requires_grad:
+                return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+            unbatched = x.dim() == n + 1
+            x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
+            out = _ConvRows.apply(x, weight, bias, stride, padding, dilation, groups, rows)
+            return out.squeeze(0) if unbatched else out
         weight, bias = weight.detach(), _detach(bias)
         if not x.requires_grad or x.dim() == n + 1:
             return _CONV[n](x, weight, bias, stride, padding, dilation, groups)

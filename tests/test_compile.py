@@ -92,3 +92,38 @@ def test_compiled_training_with_changing_masks(case):
             for key, value in state[n].items():
                 assert torch.equal(torch.as_tensor(opt.state[params[n]][key]), torch.as_tensor(value))
     assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_channel_dropback_one_compile(case):
+    make_model, make_input = CASES[case]
+    torch.manual_seed(0)
+    model = make_model()
+    gm = ldbfx.transform(model)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    x = make_input()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-2)
+    policy = ldbfx.ChannelDropBack(gm, opt, channel_rate=0.5, seed=0)  # one layer every step
+    params = dict(model.named_parameters())
+    policy.start_epoch(0)
+    for _ in range(4):
+        frozen = policy.frozen
+        assert frozen, "the draw selects some layers"
+        model.zero_grad(set_to_none=True)
+        compiled(x).square().mean().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        gm(x).square().mean().backward()  # eager reference with the same slices
+        want = _grads(model)
+        for name, g in want.items():
+            _close(got[name], g)
+        layer = next(iter(frozen))
+        weight = next(p for p in ldbfx.layers(gm)[gm._ldbfx_index[layer]].params if params[p].dim() >= 2)
+        assert not got[weight][frozen[layer]].any()
+        before = params[weight].detach()[frozen[layer]].clone()
+        opt.step()
+        assert torch.equal(params[weight].detach()[frozen[layer]], before)
+        policy.step()
+    assert counter.frame_count == 1, "changing the frozen slices must not recompile"

@@ -1,5 +1,7 @@
-"""Training policies: which layers drop at which step (pure schedules behind thin classes)."""
+"""Training policies: which layers (or channels) skip their update at which step."""
 
+from .cdb import ChannelDropBack, channel_rate_at
 from .ldb import LayerDropBack, draw_dropped, is_drop_epoch
+from .learn_drop import LearnAndDrop
 
-__all__ = ["LayerDropBack", "draw_dropped", "is_drop_epoch"]
+__all__ = ["LayerDropBack", "ChannelDropBack", "LearnAndDrop", "draw_dropped", "is_drop_epoch", "channel_rate_at"]
