@@ -39,7 +39,14 @@ import ldbfx
 
 from .train import _sync
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run", "main", "run_meta", "make_model"]
+
+
+def run_meta(device: str) -> dict:
+    """Where and when a benchmark ran: date, torch version, machine, threads, device name."""
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}
 
 
 def make_model(name: str, resolution: int) -> torch.nn.Module:
@@ -283,11 +290,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     checks = check_targets(rows, args.compile)
     print("\n".join(checks))
     if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(),
-                "args": {k: v for k, v in vars(args).items() if not callable(v)},  # not the CLI handler
-                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+        meta = run_meta(args.device)
+        meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}  # not the CLI handler
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
     return rows

@@ -26,6 +26,21 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="LR factor in DROP epochs: a number, 'kappa' (default) or 'inverse_keep' (1/(1-drop_rate))")
     g.add_argument("--resample", choices=["step", "epoch"], default="step",
                    help="draw new layers every optimizer step or once per epoch")
+    g = p.add_argument_group("ChannelDropBack policy (--policy cdb)")
+    g.add_argument("--layer-rate", type=float, default=1.0,
+                   help="'one': probability that a step selects a layer; 'independent': each layer's probability")
+    g.add_argument("--channel-rate", type=float, default=0.5,
+                   help="(final) probability that a channel of a selected layer is frozen")
+    g.add_argument("--cdb-schedule", choices=["fixed", "milestones", "ramp"], default="fixed",
+                   help="channel-rate schedule: from the start, raised at each milestone, or a linear ramp")
+    g.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs of the milestones/ramp schedules")
+    g.add_argument("--cdb-dim", type=int, choices=[0, 1], default=0, help="0: output channels, 1: input channels")
+    g.add_argument("--cdb-selection", choices=["one", "independent"], default="one",
+                   help="one layer per step (paper) or every layer independently (authors' code)")
+    g = p.add_argument_group("Learn&Drop policy (--policy learn-and-drop)")
+    g.add_argument("--warmup-epochs", type=int, default=2, help="epochs before the first freezing decision")
+    g.add_argument("--cache", choices=["memory", "disk"], default=None,
+                   help="cache the frozen prefix's outputs per sample (deterministic data only)")
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
@@ -39,6 +54,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, init and drop masks")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick smoke runs)")
     _add_policy_options(p)
 
 
@@ -49,7 +65,10 @@ def _config(args, **overrides):
         model=args.model, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, compile=args.compile, amp=args.amp, device=args.device, seed=args.seed,
         progress=args.progress, drop_rate=args.drop_rate, period=args.period, kappa=args.kappa,
-        lr_scale=args.lr_scale, resample=args.resample,
+        lr_scale=args.lr_scale, resample=args.resample, layer_rate=args.layer_rate,
+        channel_rate=args.channel_rate, cdb_schedule=args.cdb_schedule, milestones=tuple(args.milestones),
+        cdb_dim=args.cdb_dim, cdb_selection=args.cdb_selection, warmup_epochs=args.warmup_epochs,
+        cache=args.cache, max_steps_per_epoch=args.max_steps,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -58,7 +77,7 @@ def _config(args, **overrides):
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(_config(args, data="digits", max_steps_per_epoch=args.max_steps), out_dir=args.out)
+    run_demo(_config(args, data="digits"), out_dir=args.out)
     return 0
 
 
@@ -129,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes demo.png and demo.json.")
     _add_run_options(p, epochs=8, batch_size=64)
     p.add_argument("--out", default="ldbfx-out", help="output directory for the plot and JSON")
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick smoke runs)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train", formatter_class=fmt, help="train on your data, with or without LayerDropBack")
+    p = sub.add_parser("train", formatter_class=fmt, help="train on your data with a policy (or none)")
     p.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder"], default="digits",
                    help="dataset; all but digits read local files from --data-dir (never downloaded)")
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    p.add_argument("--policy", choices=["none", "ldb"], default="ldb", help="training policy")
+    p.add_argument("--policy", choices=["none", "ldb", "cdb", "learn-and-drop"], default="ldb",
+                   help="training policy: LayerDropBack, ChannelDropBack or Learn&Drop")
     _add_run_options(p, epochs=10, batch_size=64)
     p.add_argument("--out", default="ldbfx-out", help="directory for log.json and log.csv")
     p.add_argument("--checkpoint", default=None, help="save model/optimizer/scheduler/policy here every epoch")

@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader
 from . import data as datasets
 from .inspect import weight_grad_flops
 from .layers import layers as _layers
-from .policies import LayerDropBack
+from .policies import ChannelDropBack, LayerDropBack, LearnAndDrop
 from .rewrite import transform
 
-__all__ = ["TrainConfig", "build_model", "train"]
+__all__ = ["TrainConfig", "build_model", "train", "POLICIES"]
+
+POLICIES = ("none", "ldb", "cdb", "learn-and-drop")
 
 
 @dataclass
@@ -37,12 +39,22 @@ class TrainConfig:
     data_dir: str | None = None
     model: str = "resnet18"
     image_size: int = 32
-    policy: str = "ldb"  # "none" | "ldb"
+    policy: str = "ldb"  # "none" | "ldb" | "cdb" | "learn-and-drop"
     drop_rate: float = 0.3
     period: int = 2
     kappa: float = 2.0
     lr_scale: float | str | None = None
     resample: str = "step"
+    # ChannelDropBack
+    layer_rate: float = 1.0
+    channel_rate: float = 0.5
+    cdb_schedule: str = "fixed"
+    milestones: tuple[int, ...] = ()
+    cdb_dim: int = 0
+    cdb_selection: str = "one"
+    # Learn&Drop
+    warmup_epochs: int = 2
+    cache: str | None = None  # None | "memory" | "disk"
     epochs: int = 8
     batch_size: int = 64
     lr: float = 0.05
@@ -59,8 +71,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests
 
     def __post_init__(self):
-        if self.policy not in ("none", "ldb"):
-            raise ValueError(f"policy must be 'none' or 'ldb', got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        self.milestones = tuple(self.milestones)
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -132,7 +145,7 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
     _seed_all(config.seed)
     splits = datasets.load(config.data, config.data_dir, image_size=config.image_size, seed=config.seed)
     model = build_model(config.model, splits.num_classes).to(config.device)
-    net = transform(model) if config.policy == "ldb" else model
+    net = transform(model) if config.policy != "none" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -145,6 +158,14 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
                                seed=config.seed)
         probe = torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))])
         flops = weight_grad_flops(net, probe.to(config.device))
+    elif config.policy == "cdb":
+        policy = ChannelDropBack(net, optimizer, layer_rate=config.layer_rate, channel_rate=config.channel_rate,
+                                 schedule=config.cdb_schedule, milestones=config.milestones, dim=config.cdb_dim,
+                                 selection=config.cdb_selection, seed=config.seed)
+    elif config.policy == "learn-and-drop":
+        policy = LearnAndDrop(net, optimizer, warmup_epochs=config.warmup_epochs, cache=config.cache,
+                              num_samples=len(splits.train), compile_head=config.compile)
+    if policy is not None:
         layers = _layers(net)
         result.layers_total, result.layers_eligible = len(layers), sum(l.eligible for l in layers)
     start_epoch = 0
@@ -163,9 +184,9 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
     for epoch in range(start_epoch, config.epochs):
         if policy is not None:
             policy.start_epoch(epoch)
-        dropping = policy is not None and policy.dropping
+        dropping = isinstance(policy, LayerDropBack) and policy.dropping
         batch_size = policy.batch_size(config.batch_size) if policy is not None else config.batch_size
-        loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=True,
+        loader = DataLoader(_Indexed(splits.train), batch_size=batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(config.seed * 10_000 + epoch))
         steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
         bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs} {'drop' if dropping else 'full'}",
@@ -173,14 +194,17 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
         loss_sum, samples, skipped_share = 0.0, 0, 0.0
         _sync(config.device)
         started = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        for step, (x, y, indices) in enumerate(loader):
             if step >= steps:
                 break
             x, y = x.to(config.device, non_blocking=True), y.to(config.device, non_blocking=True)
             if flops is not None and dropping:
                 skipped_share += sum(flops.weight_grad[i] for i in policy.dropped_indices) / flops.backward
             with _autocast(config):
-                loss = F.cross_entropy(step_fn(x), y)
+                # Learn&Drop's forward may train the head from cached prefix outputs.
+                cached = isinstance(policy, LearnAndDrop) and policy.cache is not None
+                logits = policy.forward(x, indices) if cached else step_fn(x)
+                loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -203,8 +227,13 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
             "epoch_time": epoch_time, "time_per_sample": epoch_time / max(samples, 1),
             "bwd_flops_skipped": skipped_share / steps if dropping and steps else 0.0,
         }
-        if policy is not None:
-            row.update({k: v for k, v in policy.stats.items() if k == "actual_drop_rate"})
+        if isinstance(policy, LayerDropBack):
+            row["actual_drop_rate"] = policy.stats["actual_drop_rate"]
+        elif isinstance(policy, ChannelDropBack):
+            row["channel_rate"] = policy.rate
+            row["actual_channel_rate"] = policy.stats["actual_channel_rate"]
+        elif isinstance(policy, LearnAndDrop):
+            row["frozen_layers"] = len(policy.frozen_layers)
         result.history.append(row)
         if config.checkpoint:
             torch.save({
@@ -221,6 +250,20 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
     if policy is not None:
         policy.remove()
     return result
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Yields ``(x, y, index)``: Learn&Drop's feature cache stores features per sample."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        return x, y, index
 
 
 def write_log(result: RunResult, out_dir: str, name: str = "log") -> None:

@@ -59,3 +59,18 @@ def test_bench_runs_and_checks_flops(tmp_path, capsys):
     half = data["rows"][1]
     assert half["flops_ldbfx"] == half["flops_ideal"] < half["flops_baseline"]
     assert "resnet18 @ 0.5: FLOPs saved" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("policy, options, check", [
+    ("cdb", ["--cdb-schedule", "milestones", "--milestones", "1", "--channel-rate", "0.4"],
+     lambda rows: [r["channel_rate"] for r in rows] == [0.0, 0.4]),
+    ("learn-and-drop", ["--warmup-epochs", "0", "--cache", "memory"],
+     lambda rows: all("frozen_layers" in r for r in rows)),
+])
+def test_train_with_sibling_policies(policy, options, check, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--policy", policy, *options, "--epochs", "2", "--max-steps", "2", "--batch-size", "16",
+                 "--no-progress", "--out", str(out)]) == 0
+    rows = json.loads((out / "log.json").read_text())["history"]
+    assert len(rows) == 2 and check(rows)
+    assert "final test accuracy" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The trainer end to end on a few tiny steps: both policies, resume, compile."""
+"""The trainer end to end on a few tiny steps: every policy, resume, compile."""
 
 from dataclasses import replace
 
@@ -31,9 +31,17 @@ def _params(path):
     return torch.load(path, weights_only=False)["model"]
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    config = replace(TINY, policy="ldb", epochs=4, period=1, checkpoint=str(tmp_path / "full.pt"))
-    train(config)
+RESUMABLE = {
+    "ldb": {"policy": "ldb", "period": 1},
+    "cdb": {"policy": "cdb", "channel_rate": 0.5, "cdb_schedule": "milestones", "milestones": (1, 2)},
+    "learn-and-drop": {"policy": "learn-and-drop", "warmup_epochs": 1, "cache": "memory"},
+}
+
+
+@pytest.mark.parametrize("policy", list(RESUMABLE))
+def test_resume_equals_an_uninterrupted_run(tmp_path, policy):
+    config = replace(TINY, epochs=4, checkpoint=str(tmp_path / "full.pt"), **RESUMABLE[policy])
+    uninterrupted = train(config)
     interrupted = replace(config, checkpoint=str(tmp_path / "part.pt"))
 
     def stop(row):
@@ -44,6 +52,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         train(interrupted, on_epoch=stop)
     resumed = train(replace(interrupted, resume=str(tmp_path / "part.pt")))
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    for a, b in zip(uninterrupted.history, resumed.history):
+        assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
     full, part = _params(tmp_path / "full.pt"), _params(tmp_path / "part.pt")
     assert full.keys() == part.keys()
     for key in full:
@@ -60,10 +70,21 @@ def test_compiled_training():
 
 def test_invalid_config():
     with pytest.raises(ValueError, match="policy must be"):
-        TrainConfig(policy="cdb")
+        TrainConfig(policy="layerdrop")
 
 
 def test_bf16_autocast_training():
     result = train(replace(TINY, policy="ldb", amp="bf16", epochs=3, max_steps_per_epoch=2))
     assert [r["mode"] for r in result.history] == ["full", "full", "drop"]
     assert all(r["train_loss"] == r["train_loss"] for r in result.history)  # finite, not NaN
+
+
+def test_channel_dropback_and_learn_and_drop_runs():
+    cdb = train(replace(TINY, policy="cdb", channel_rate=0.5))
+    assert [r["channel_rate"] for r in cdb.history] == [0.5] * 3
+    assert all(0.2 < r["actual_channel_rate"] < 0.8 for r in cdb.history)
+    assert [r["batch_size"] for r in cdb.history] == [16] * 3
+    lnd = train(replace(TINY, policy="learn-and-drop", warmup_epochs=1, epochs=4))
+    frozen = [r["frozen_layers"] for r in lnd.history]
+    assert frozen[0] == 0 and frozen == sorted(frozen)  # never reinstated
+    assert all(r["test_acc"] >= 0 for r in lnd.history)
