@@ -1,4 +1,7 @@
-"""Turns benchmark JSON (``--out`` of bench_core.py / ``ldbfx bench``) into markdown tables.
+"""Turns benchmark JSON into the markdown tables of docs/benchmarks.md.
+
+Reads the ``--out`` of bench_core.py / ``ldbfx bench``, ldb_speedup.py and bench_policies.py (the
+kind is recognised from the rows):
 
     python benchmarks/report.py cpu_resnet50.json cpu_vit.json >> docs/benchmarks.md
 """
@@ -7,8 +10,55 @@ import json
 import sys
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def speedup_table(data: dict) -> str:
+    """ldb_speedup.py: per-sample times at kappa = 1 and 2, eager and compiled, and the FLOP bound."""
+    out = []
+    for r in data["rows"]:
+        out += [(f"**{r['model']}**: a DROP step costs {100 * r['drop_step_flops_ratio']:.1f}% of a full step's "
+                 f"FLOPs, so skipping dW alone can give at most {_pct(r['flop_bound_speedup'])} over a run "
+                 "(half the epochs DROP)."), "",
+                ("| mode | ms/sample full B | full κB | ldbfx, nothing dropped, B | DROP κ=1 | DROP κ=2 "
+                 "| DROP step vs full, κ=1 / κ=2 | run speed-up κ=1 / κ=2 [κ=2 range] |"),
+                "|---|---|---|---|---|---|---|---|"]
+        for mode in ("eager", "compiled"):
+            if mode not in r:
+                continue
+            e, lo_hi = r[mode], r[mode]["kappa2_run_speedup_range"]
+            s = {k: f"{1e3 * v:.1f}" for k, v in e["seconds_per_sample"].items()}
+            out.append(f"| {mode} | {s['base_B']} | {s['base_kB']} | {s['ldb_full_B']} | {s['ldb_drop_B']} | "
+                       f"{s['ldb_drop_kB']} | {_pct(e['kappa1_drop_step_ratio'] - 1)} / "
+                       f"{_pct(e['kappa2_drop_step_ratio'] - 1)} | {_pct(e['kappa1_run_speedup'])} / "
+                       f"{_pct(e['kappa2_run_speedup'])} [{_pct(lo_hi[0])}, {_pct(lo_hi[1])}] |")
+        out.append("")
+    return "\n".join(out)
+
+
+def policies_table(data: dict) -> str:
+    """bench_policies.py: FLOPs and step time of each policy variant vs the baseline."""
+    rows = data["rows"]
+    out = [f"**{rows[0]['model']}**", "",
+           ("| variant | fwd GFLOP | bwd GFLOP | bwd FLOPs saved | step FLOPs saved | s/step "
+            "| time saved [range] |"),
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["time_saved_range"]
+        out.append(f"| {r['variant']} | {r['fwd_flops'] / 1e9:.1f} | {r['bwd_flops'] / 1e9:.1f} | "
+                   f"{100 * r['bwd_flops_saved']:.1f}% | {100 * r['step_flops_saved']:.1f}% | {r['step_time']:.3f} | "
+                   f"{_pct(r['time_saved'])} [{_pct(lo)}, {_pct(hi)}] |")
+    return "\n".join(out)
+
+
 def table(path: str) -> str:
-    data = json.load(open(path))
+    with open(path) as f:
+        data = json.load(f)
+    if "variant" in data["rows"][0]:
+        return policies_table(data)
+    if "flop_bound_speedup" in data["rows"][0]:
+        return speedup_table(data)
     meta, rows = data["meta"], data["rows"]
     args = meta["args"]
     out = [f"**{', '.join(args['models'])}** — {meta['date']}, torch {meta['torch']}, device "
