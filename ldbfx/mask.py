@@ -131,7 +131,7 @@ _saved_rows: dict[int, list] = {}  # id(optimizer) -> what the pre-hook saved fo
 def _frozen_slices(gm: LdbGraphModule):
     """``(param, dim, frozen indices)`` for every frozen slice of ``gm``."""
     for index, rows in gm._ldbfx_rows.items():
-        weight, bias = gm._ldbfx_row_params[index]
+        weight, bias = _row_params(gm, index)
         yield weight, rows.dim, rows.frozen
         if bias is not None and rows.dim == 0:
             yield bias, 0, rows.frozen
@@ -222,7 +222,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
     table = {}
     for layer, frozen in rows.items():
         index = _row_layer(gm, layer)
-        weight, bias = _row_params(gm, index)
+        weight, _ = _row_params(gm, index)
         size = weight.shape[dim]
         frozen = torch.as_tensor(frozen)
         if frozen.dtype == torch.bool:
@@ -237,7 +237,6 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
         keep = torch.ones(size, dtype=torch.bool)
         keep[frozen] = False
         table[index] = ops.RowSelection(dim, keep.nonzero().flatten().to(weight.device), frozen.to(weight.device))
-        gm._ldbfx_row_params[index] = (weight, bias)
     gm._ldbfx_rows = table
     ops.register_rows(gm.__dict__[MASK_ATTR], table)
     if table and exact:

@@ -67,7 +67,6 @@ class LdbGraphModule(fx.GraphModule):
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
         self._ldbfx_dropped_params: tuple[nn.Parameter, ...] = ()
         self._ldbfx_rows: dict = {}  # layer index -> ops.RowSelection (ldbfx.set_frozen_rows)
-        self._ldbfx_row_params: dict = {}
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
 
     def train(self, mode: bool = True):
@@ -108,7 +107,7 @@ class LdbGraphModule(fx.GraphModule):
         memo[id(self)] = result
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
         # Row selections are registered per mask storage; the copy starts with none.
-        result._ldbfx_rows, result._ldbfx_row_params = {}, {}
+        result._ldbfx_rows = {}
         result.graph = result._graph  # re-owns the graph and regenerates forward
         return result
 

@@ -149,8 +149,6 @@ def row_selection(mask: Tensor, index: int) -> RowSelection | None:
 def _linear_weight_grad_rows(grad2d: Tensor, x2d: Tensor, rows: RowSelection, with_bias: bool):
     """``dW`` (and ``db``) of ``y = x @ W.T + b`` for the kept slices only: FLOPs in proportion."""
     grad_w = grad2d.new_zeros(grad2d.shape[1], x2d.shape[1])
-    if not rows.kept.numel():
-        return grad_w, (grad2d.sum(0) if rows.dim == 1 else grad2d.new_zeros(grad2d.shape[1])) if with_bias else None
     if rows.dim == 0:
         g = grad2d.index_select(1, rows.kept)
         grad_w.index_copy_(0, rows.kept, g.t().mm(x2d))
@@ -159,6 +157,10 @@ def _linear_weight_grad_rows(grad2d: Tensor, x2d: Tensor, rows: RowSelection, wi
         grad_w.index_copy_(1, rows.kept, grad2d.t().mm(x2d.index_select(1, rows.kept)))
         grad_b = grad2d.sum(0) if with_bias else None
     return grad_w, grad_b
+
+
+def _conv_bias_grad(grad: Tensor) -> Tensor:
+    return grad.sum([d for d in range(grad.dim()) if d != 1])
 
 
 def _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows: RowSelection,
@@ -176,9 +178,9 @@ def _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, r
         if with_bias and rows.dim == 0:
             grad_b.index_fill_(0, rows.frozen, 0)
         return grad_w, grad_b
-    if not rows.kept.numel():  # every slice frozen: nothing to compute
-        bias_grad = grad.sum([d for d in range(grad.dim()) if d != 1]) if rows.dim == 1 else grad.new_zeros(weight.shape[0])
-        return torch.zeros_like(weight), bias_grad if with_bias else None
+    if not rows.kept.numel():  # every slice frozen (aten rejects a convolution with 0 channels)
+        grad_b = _conv_bias_grad(grad) if rows.dim == 1 else grad.new_zeros(weight.shape[0])
+        return torch.zeros_like(weight), grad_b if with_bias else None
     if rows.dim == 0:
         grad, w = grad.index_select(1, rows.kept), weight.index_select(0, rows.kept)
     else:
@@ -192,7 +194,7 @@ def _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, r
         if rows.dim == 0:
             grad_b = grad.new_zeros(weight.shape[0]).index_copy_(0, rows.kept, part_b)
         else:
-            grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
+            grad_b = _conv_bias_grad(grad)
     return grad_w, grad_b
 
 
