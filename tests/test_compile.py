@@ -127,3 +127,26 @@ def test_compiled_channel_dropback_one_compile(case):
         assert torch.equal(params[weight].detach()[frozen[layer]], before)
         policy.step()
     assert counter.frame_count == 1, "changing the frozen slices must not recompile"
+
+
+@pytest.mark.slow
+def test_learn_and_drop_compiled_head_matches_eager():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = ldbfx.transform(model)
+    policy = ldbfx.LearnAndDrop(gm, None, warmup_epochs=0, cache="memory", num_samples=4, compile_head=True)
+    policy.freeze_units(4)  # a cut inside layer1.1: two tensors cross it
+    x, idx = torch.randn(4, 3, 16, 16), torch.arange(4)
+    for _ in range(2):  # fill the cache, then hit it
+        model.zero_grad(set_to_none=True)
+        out = policy.forward(x, idx)
+        out.square().mean().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        want_out = gm(x)
+        want_out.square().mean().backward()
+        want = _grads(model)
+        _close(out.detach(), want_out.detach())
+        assert got.keys() == want.keys() and "conv1.weight" not in got
+        for name, g in want.items():
+            _close(got[name], g)
