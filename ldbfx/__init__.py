@@ -8,6 +8,7 @@ Example:
     >>> gm(torch.randn(2, 8)).sum().backward()
 """
 
+from . import distributed
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
 from .inspect import summary, to_networkx
 from .layers import Layer, layers

@@ -1,0 +1,122 @@
+"""DistributedDataParallel with dropped layers: 2 gloo ranks on loopback, CPU, with a timeout guard."""
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import ldbfx
+
+STEPS, BATCH, TIMEOUT_S = 4, 8, 120
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 16),
+                         nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 3, 6, 6, generator=g), torch.randint(0, 4, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def train(gm, model, net, batches, record, resample="step"):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    policy = ldbfx.LayerDropBack(gm, opt, drop_rate=0.5, period=1, kappa=1.0, resample=resample, seed=7)
+    policy.start_epoch(1)  # a DROP epoch from the first step
+    for x, y in batches:
+        record.append(policy.dropped)
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        policy.step()
+    policy.end_epoch()
+
+
+def _rank(rank, world, init_file, out_dir, resample="step", dense=True):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = make_model()
+    gm = ldbfx.transform(model, keep_first=1)  # 4 of 6 layers eligible
+    if dense:
+        ldbfx.distributed.dense_gradients(gm)
+    ddp = nn.parallel.DistributedDataParallel(gm)  # no find_unused_parameters
+    shard = BATCH // world
+    batches = [(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]) for x, y in data()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = []
+    train(gm, model, ddp, batches, masks, resample)
+    ldbfx.distributed.check_masks(gm)
+    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "before": before,
+                "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world, *args):
+    context = mp.spawn(fn, args=(world, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed run did not finish in {TIMEOUT_S} s (hang)")
+
+
+@pytest.mark.parametrize("resample", ["step", "epoch"])
+def test_ddp_with_dropped_layers_matches_one_process_on_the_whole_batch(tmp_path, resample):
+    _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), resample)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = make_model()
+    gm = ldbfx.transform(model, keep_first=1)  # 4 of 6 layers eligible
+    masks = []
+    train(gm, model, gm, data(), masks, resample)
+    assert ranks[0]["masks"] == ranks[1]["masks"] == masks  # the same seed: the same layers everywhere
+    assert any(masks), "some layers were dropped"
+    reference = dict(model.named_parameters())
+    for r in ranks:
+        for name, value in r["params"].items():
+            torch.testing.assert_close(value, reference[name].detach(), rtol=1e-5, atol=1e-6)
+    # A layer dropped at every step stays bit-for-bit at its initial value on both ranks.
+    always = set(masks[0]).intersection(*map(set, masks))
+    assert always or resample == "step"
+    for layer in always:
+        for name in (n for n in ranks[0]["params"] if n.rsplit(".", 1)[0] == layer):
+            for r in ranks:
+                assert torch.equal(r["params"][name], r["before"][name]), name
+
+
+def test_without_dense_gradients_ddp_fails_as_pytorch_documents(tmp_path):
+    # The known pain this mode removes: DDP sees the dropped layers as unused parameters.
+    with pytest.raises(Exception, match="finished reduction|unused parameters|did not receive grad"):
+        _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), "epoch", False)
+
+
+def _divergent_rank(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    gm = ldbfx.transform(make_model(), keep_first=1)
+    ldbfx.distributed.check_masks(gm)  # all full: equal
+    ldbfx.set_dropped(gm, [1 + rank])  # as if each rank had its own seed
+    try:
+        ldbfx.distributed.check_masks(gm)
+        message = ""
+    except ldbfx.LdbfxError as error:
+        message = str(error)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_check_masks_detects_divergent_ranks(tmp_path):
+    _spawn(_divergent_rank, 2, str(tmp_path / "init"), str(tmp_path))
+    for rank in range(2):
+        assert "masks differ between ranks" in (tmp_path / f"rank{rank}.txt").read_text()
