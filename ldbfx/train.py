@@ -181,6 +181,8 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
         torch.set_rng_state(state["torch_rng"])
     step_fn = torch.compile(net) if config.compile else net
 
+    # Learn&Drop with a cache trains the head from cached prefix outputs: its own forward.
+    cached_forward = isinstance(policy, LearnAndDrop) and policy.cache is not None
     for epoch in range(start_epoch, config.epochs):
         if policy is not None:
             policy.start_epoch(epoch)
@@ -201,9 +203,7 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
             if flops is not None and dropping:
                 skipped_share += sum(flops.weight_grad[i] for i in policy.dropped_indices) / flops.backward
             with _autocast(config):
-                # Learn&Drop's forward may train the head from cached prefix outputs.
-                cached = isinstance(policy, LearnAndDrop) and policy.cache is not None
-                logits = policy.forward(x, indices) if cached else step_fn(x)
+                logits = policy.forward(x, indices) if cached_forward else step_fn(x)
                 loss = F.cross_entropy(logits, y)
             loss.backward()
             optimizer.step()
