@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -55,6 +56,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int
     p.add_argument("--seed", type=int, default=0, help="seed of data order, init and drop masks")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick smoke runs)")
+    p.add_argument("--allreduce-dropped", dest="skip_dropped_allreduce", action="store_false",
+                   help="under torchrun, all-reduce dropped layers' (zero) gradients too, as plain DDP does")
     _add_policy_options(p)
 
 
@@ -69,6 +72,7 @@ def _config(args, **overrides):
         channel_rate=args.channel_rate, cdb_schedule=args.cdb_schedule, milestones=tuple(args.milestones),
         cdb_dim=args.cdb_dim, cdb_selection=args.cdb_selection, warmup_epochs=args.warmup_epochs,
         cache=args.cache, max_steps_per_epoch=args.max_steps,
+        skip_dropped_allreduce=args.skip_dropped_allreduce,
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -87,15 +91,22 @@ def _train(args) -> int:
 
     config = _config(args, data=args.data, data_dir=args.data_dir, policy=args.policy, out_dir=args.out,
                      checkpoint=args.checkpoint, resume=args.resume)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
+
+    def report(row):
+        if main_rank:
+            print(f"epoch {row['epoch']:>3} {row['mode']:>4}  batch {row['batch_size']:>4}  "
+                  f"loss {row['train_loss']:.4f}  acc {100 * row['test_acc']:.2f}%  {row['epoch_time']:.1f}s",
+                  flush=True)
+
     try:
-        result = train(config, on_epoch=lambda r: print(
-            f"epoch {r['epoch']:>3} {r['mode']:>4}  batch {r['batch_size']:>4}  loss {r['train_loss']:.4f}"
-            f"  acc {100 * r['test_acc']:.2f}%  {r['epoch_time']:.1f}s"))
+        result = train(config, on_epoch=report)
     except DataError as e:
         print(f"ldbfx train: {e}", file=sys.stderr)
         return 2
-    print(f"trained {len(result.history)} epochs in {result.train_time:.1f}s; "
-          f"final test accuracy {100 * result.final_accuracy:.2f}%; log in {args.out}/log.json")
+    if main_rank:
+        print(f"trained {len(result.history)} epochs in {result.train_time:.1f}s; "
+              f"final test accuracy {100 * result.final_accuracy:.2f}%; log in {args.out}/log.json")
     return 0
 
 

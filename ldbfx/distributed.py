@@ -12,7 +12,15 @@ every rank.
 
 Masks must be the same on every rank. The policies draw them from their own seeded generator, so
 the same ``seed`` on every rank gives identical masks without communication; :func:`check_masks`
-verifies it (one all-gather of the mask, for debugging).
+verifies it (one all-gather of the mask, for debugging), and :func:`broadcast_seed` hands every
+rank rank 0's seed once, for code that seeds each rank differently.
+
+:func:`skip_dropped_allreduce` goes one step further for DDP: a communication hook that leaves the
+dropped layers' (zero) gradients out of the all-reduce, so a step sends fewer bytes.
+
+FSDP2 (``fully_shard``) needs neither: it reduce-scatters whole parameter groups, filling a dropped
+layer's missing gradient with zeros, and ldbfx's optimizer hook finds the sharded parameters. The
+weight-gradient FLOPs are saved there too; the communication is not (see ``docs/design.md``).
 
 Example:
     >>> import torch, ldbfx
@@ -26,14 +34,16 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import ops
 from .errors import LdbfxError
 from .mask import _check
-from .module import MASK_ATTR
+from .module import MASK_ATTR, LdbGraphModule
 
-__all__ = ["dense_gradients", "check_masks"]
+__all__ = ["dense_gradients", "check_masks", "broadcast_seed", "skip_dropped_allreduce", "AllReduceStats"]
 
 
 def dense_gradients(gm, enabled: bool = True) -> None:
@@ -50,6 +60,29 @@ def dense_gradients(gm, enabled: bool = True) -> None:
         ops._DENSE.discard(key)
 
 
+def _collective_device(group) -> torch.device:
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_seed(seed: int | None = None, src: int = 0, group=None) -> int:
+    """Rank ``src``'s ``seed`` on every rank (one broadcast); ``None`` lets ``src`` draw one.
+
+    Use it once, before building a policy, when ranks were seeded differently (rank-local
+    seeds): a policy seeded with the result draws the same layers on every rank.
+
+    Example:
+        >>> seed = ldbfx.distributed.broadcast_seed()              # doctest: +SKIP
+        >>> policy = ldbfx.LayerDropBack(gm, opt, seed=seed)      # doctest: +SKIP
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    value = torch.tensor([seed], dtype=torch.int64, device=_collective_device(group))
+    torch.distributed.broadcast(value, src=src, group=group)
+    return int(value.item())
+
+
 def check_masks(gm, group=None) -> None:
     """Raises :class:`LdbfxError` if the drop mask differs between ranks (one all-gather).
 
@@ -57,9 +90,7 @@ def check_masks(gm, group=None) -> None:
     the same policy ``seed`` (their weights would silently drift apart).
     """
     mask = _check(gm).__dict__[MASK_ATTR]
-    backend = torch.distributed.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    local = mask.to(device=device, dtype=torch.uint8)
+    local = mask.to(device=_collective_device(group), dtype=torch.uint8)
     gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(gathered, local, group=group)
     differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
@@ -67,3 +98,115 @@ def check_masks(gm, group=None) -> None:
         raise LdbfxError(
             f"ldbfx masks differ between ranks (rank 0 vs ranks {differing}): give every rank's policy "
             "the same seed, or broadcast the mask from rank 0")
+
+
+@dataclass
+class AllReduceStats:
+    """Gradient bytes the :func:`skip_dropped_allreduce` hook all-reduced and left out, summed
+    over the buckets it has seen (``steps`` counts backward passes)."""
+
+    bytes_reduced: int = 0
+    bytes_skipped: int = 0
+    steps: int = 0
+
+
+class _SkipDropped:
+    """The hook's state: the mask, a layer index per parameter, and a layout per bucket."""
+
+    def __init__(self, gm, group):
+        self.mask = gm.__dict__[MASK_ATTR]
+        self.group = group if group is not None else torch.distributed.group.WORLD
+        self.stats = AllReduceStats()
+        never = len(gm.ldbfx_layers)  # index of an always-False slot appended to the mask
+        self._never = never
+        self._layer_of = {id(p): i for i in range(never) for p in gm._ldbfx_params(i)}
+        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layout(self, bucket) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer index per parameter, numel per parameter)`` of ``bucket``, in buffer order.
+
+        DDP rebuilds its buckets once, after the first step; the layouts are keyed by the bucket's
+        parameters, so a rebuilt bucket gets its own.
+        """
+        params = bucket.parameters()
+        key = tuple(map(id, params))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layers = torch.tensor([self._layer_of.get(id(p), self._never) for p in params])
+            sizes = torch.tensor([p.numel() for p in params])
+            layout = self._layouts[key] = (layers, sizes)
+        return layout
+
+
+def _skip_dropped_hook(state, bucket):  # no annotations: DDP compares them as objects, not strings
+    buffer = bucket.buffer()
+    layers, sizes = state.layout(bucket)
+    dropped = torch.cat((state.mask, state.mask.new_zeros(1)))[layers]
+    stats = state.stats
+    if bucket.is_last():
+        stats.steps += 1
+    if not bool(dropped.any()):
+        return _allreduce(state, buffer, buffer)
+    skipped = int(sizes[dropped].sum()) * buffer.element_size()
+    stats.bytes_skipped += skipped
+    if bool(dropped.all()):
+        # Every rank drops the same layers (identical masks), so every rank skips this bucket.
+        # Dropped gradients are zeros on every rank: the buffer already holds their mean.
+        future = torch.futures.Future()
+        future.set_result(buffer)
+        return future
+    keep = torch.repeat_interleave(~dropped, sizes).to(buffer.device, non_blocking=True)
+    return _allreduce(state, buffer[keep], buffer, keep)
+
+
+def _allreduce(state: _SkipDropped, tensor, buffer, keep=None):
+    state.stats.bytes_reduced += tensor.numel() * tensor.element_size()
+    tensor.div_(state.group.size())  # before the sum, as DDP's own hook does (no fp16 overflow)
+    work = torch.distributed.all_reduce(tensor, group=state.group, async_op=True)
+
+    def done(future):
+        reduced = future.value()[0]
+        if keep is None:
+            return reduced
+        buffer[keep] = reduced
+        return buffer
+
+    return work.get_future().then(done)
+
+
+def skip_dropped_allreduce(ddp, group=None) -> AllReduceStats:
+    """Registers a DDP communication hook that does not all-reduce dropped layers' gradients.
+
+    A bucket whose layers are all dropped sends nothing; a mixed bucket sends its kept
+    gradients only. Masks must be equal on every rank (the policies' shared ``seed`` makes them
+    so; :func:`check_masks` verifies), or ranks would wait for different collectives.
+    Whole-layer drops only: ChannelDropBack's frozen rows are still sent.
+
+    Args:
+        ddp: a ``DistributedDataParallel`` around a module from :func:`ldbfx.transform`, in
+            :func:`dense_gradients` mode (DDP needs every gradient to be ready, even when unsent).
+        group: the process group DDP reduces over (default: the world).
+
+    Returns:
+        The running byte counts, updated by every backward.
+
+    Raises:
+        LdbfxError: ``ddp`` does not wrap a transformed module in dense-gradient mode.
+
+    Example:
+        >>> ldbfx.distributed.dense_gradients(gm)                          # doctest: +SKIP
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(gm)           # doctest: +SKIP
+        >>> stats = ldbfx.distributed.skip_dropped_allreduce(ddp)         # doctest: +SKIP
+    """
+    gm = ddp.module
+    if not isinstance(gm, LdbGraphModule):
+        raise LdbfxError(
+            f"skip_dropped_allreduce needs DDP around a module from ldbfx.transform, got "
+            f"{type(gm).__name__}: wrap gm = ldbfx.transform(model) as DistributedDataParallel(gm)")
+    if gm.__dict__[MASK_ATTR].untyped_storage().data_ptr() not in ops._DENSE:
+        raise LdbfxError(
+            "skip_dropped_allreduce needs dense gradients (DDP waits for every gradient): call "
+            "ldbfx.distributed.dense_gradients(gm) before wrapping gm in DistributedDataParallel")
+    state = _SkipDropped(gm, group)
+    ddp.register_comm_hook(state, _skip_dropped_hook)
+    return state.stats

@@ -36,8 +36,8 @@ _hook_handle = None
 
 def _clear_dropped_grads(optimizer, args, kwargs) -> None:
     for gm in _WITH_DROPPED:
-        for param in gm._ldbfx_dropped_params:
-            param.grad = None
+        for module, name in gm._ldbfx_dropped_refs:
+            module._parameters[name].grad = None
 
 
 def _check(gm: object) -> LdbGraphModule:
@@ -103,7 +103,7 @@ def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None
     mask.zero_()
     if indices:
         mask[indices] = True
-    gm._ldbfx_dropped_params = tuple(p for i in indices for p in gm._ldbfx_layer_params[i])
+    gm._ldbfx_dropped_refs = tuple(ref for i in indices for ref in gm._ldbfx_param_refs[i])
     if indices:
         _WITH_DROPPED.add(gm)
         if _hook_handle is None:
@@ -179,7 +179,7 @@ def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:
 
 
 def _row_params(gm: LdbGraphModule, index: int):
-    params = gm._ldbfx_layer_params[index]
+    params = gm._ldbfx_params(index)
     weight = next(p for p in params if p.dim() >= 2)
     bias = next((p for p in params if p.dim() == 1 and p.shape[0] == weight.shape[0]), None)
     return weight, bias

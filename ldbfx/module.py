@@ -21,6 +21,11 @@ __all__ = ["LdbGraphModule", "MASK_ATTR"]
 MASK_ATTR = "_ldbfx_mask"
 
 
+def _param_ref(model: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
+    module_name, _, name = qualified_name.rpartition(".")
+    return model.get_submodule(module_name), name
+
+
 class LdbGraphModule(fx.GraphModule):
     """A transformed model: same computation, same parameters, maskable weight gradients.
 
@@ -62,12 +67,18 @@ class LdbGraphModule(fx.GraphModule):
         self.ldbfx_layers = layers
         self.ldbfx_edges = edges
         self.ldbfx_config = config
-        named = dict(model.named_parameters())
-        self._ldbfx_layer_params = tuple(tuple(named[p] for p in layer.params) for layer in layers)
+        # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
+        # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
+        # must find the parameters the optimizer holds now, not those seen at transform time.
+        self._ldbfx_param_refs = tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers)
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
-        self._ldbfx_dropped_params: tuple[nn.Parameter, ...] = ()
+        self._ldbfx_dropped_refs: tuple[tuple[nn.Module, str], ...] = ()
         self._ldbfx_rows: dict = {}  # layer index -> ops.RowSelection (ldbfx.set_frozen_rows)
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
+
+    def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
+        """The parameters of layer ``index`` as the model holds them now."""
+        return tuple(module._parameters[name] for module, name in self._ldbfx_param_refs[index])
 
     def train(self, mode: bool = True):
         """Sets the training mode, except for modules pinned in eval mode (Learn&Drop's frozen

@@ -3,6 +3,11 @@
 One plain loop, written so every number it reports is measured: per-epoch wall time (training
 only), time per sample, accuracy on the held-out split, and the share of backward FLOPs skipped
 (``FlopCounterMode`` on one batch, per layer, summed over the layers actually dropped).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs on every rank with DistributedDataParallel:
+``batch_size`` stays the *global* batch, each rank takes its slice of every global batch, so the
+data order, the masks and the checkpoints do not depend on the number of ranks. Only rank 0 shows
+progress and writes logs and checkpoints; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from . import data as datasets
+from .distributed import dense_gradients, skip_dropped_allreduce
+from .errors import LdbfxError
 from .inspect import weight_grad_flops
 from .layers import layers as _layers
 from .policies import ChannelDropBack, LayerDropBack, LearnAndDrop
@@ -69,6 +77,7 @@ class TrainConfig:
     resume: str | None = None
     progress: bool = True
     max_steps_per_epoch: int | None = None  # for smoke tests
+    skip_dropped_allreduce: bool = True  # under torchrun: dropped layers' gradients are not sent
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -124,6 +133,58 @@ class RunResult:
         return self.history[-1]["test_acc"]
 
 
+@dataclass(frozen=True)
+class _World:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    size: int = 1
+    owns_group: bool = False  # the trainer initialized the process group, so it destroys it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def join(cls, config: TrainConfig) -> _World:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        if config.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), owns_group=True)
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.size:
+            raise LdbfxError(
+                f"the global batch of {batch_size} does not split over {self.size} ranks: choose a "
+                f"--batch-size (times kappa in DROP epochs) divisible by the number of ranks")
+
+
+class _RankSlice(torch.utils.data.Sampler):
+    """This rank's share of each global batch: the global order is the single-process one."""
+
+    def __init__(self, batches: BatchSampler, world: _World):
+        self.batches, self.world = batches, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        share = self.batches.batch_size // self.world.size
+        start = self.world.rank * share
+        for batch in self.batches:
+            yield batch[start:start + share]
+
+
+def _loader(dataset, batch_size: int, seed: int, world: _World) -> DataLoader:
+    # The same sampler DataLoader(shuffle=True, drop_last=True, generator=...) builds; sliced per rank.
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_sampler=_RankSlice(BatchSampler(sampler, batch_size, drop_last=True), world))
+
+
 def evaluate(model: torch.nn.Module, dataset, config: TrainConfig) -> float:
     model.eval()
     correct = total = 0
@@ -141,7 +202,19 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
 
     Returns a :class:`RunResult` with one history row per epoch: mode (``full``/``drop``), batch
     size, LR, train loss, test accuracy, epoch time, time per sample, and the drop statistics.
+    Under ``torchrun`` every rank calls it (see the module docstring); rank 0's result is the run's.
     """
+    world = _World.join(config)
+    try:
+        return _train(config, world, on_epoch)
+    finally:
+        if world.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
+    if world.size > 1 and config.device == "cuda":
+        config = replace(config, device=f"cuda:{torch.cuda.current_device()}")
     _seed_all(config.seed)
     splits = datasets.load(config.data, config.data_dir, image_size=config.image_size, seed=config.seed)
     model = build_model(config.model, splits.num_classes).to(config.device)
@@ -179,20 +252,35 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
         result.history = state["history"]
         start_epoch = state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])
-    step_fn = torch.compile(net) if config.compile else net
-
     # Learn&Drop with a cache trains the head from cached prefix outputs: its own forward.
     cached_forward = isinstance(policy, LearnAndDrop) and policy.cache is not None
+    if world.size > 1 and cached_forward:
+        raise LdbfxError("Learn&Drop's feature cache trains the head outside DistributedDataParallel: "
+                         "run torchrun jobs without --cache")
+    if world.size > 1 and policy is not None:
+        dense_gradients(net)  # every parameter gets a gradient, as DDP's reducer expects
+    wrapped = trainable = comm = compiled = compiled_for = None
     for epoch in range(start_epoch, config.epochs):
         if policy is not None:
             policy.start_epoch(epoch)
+        if world.size > 1 and trainable != (now := tuple(p.requires_grad for p in model.parameters())):
+            # DDP fixes its parameter set when built; Learn&Drop's freezing changes it (at most
+            # once per epoch), so wrap again: frozen layers then send no gradients at all.
+            trainable, wrapped, comm = now, _ddp(net, config), None
+            if isinstance(policy, LayerDropBack) and config.skip_dropped_allreduce:
+                comm = skip_dropped_allreduce(wrapped)
+        step_fn = wrapped if wrapped is not None else net
+        if config.compile and compiled_for is not step_fn:
+            compiled, compiled_for = torch.compile(step_fn), step_fn
+        step_fn = compiled if config.compile else step_fn
         dropping = isinstance(policy, LayerDropBack) and policy.dropping
         batch_size = policy.batch_size(config.batch_size) if policy is not None else config.batch_size
-        loader = DataLoader(_Indexed(splits.train), batch_size=batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(config.seed * 10_000 + epoch))
+        world.check_batch(batch_size)
+        loader = _loader(_Indexed(splits.train), batch_size, config.seed * 10_000 + epoch, world)
         steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
         bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs} {'drop' if dropping else 'full'}",
-                        config.progress)
+                        config.progress and world.main)
+        sent = (comm.bytes_reduced, comm.bytes_skipped) if comm is not None else None
         loss_sum, samples, skipped_share = 0.0, 0, 0.0
         _sync(config.device)
         started = time.perf_counter()
@@ -220,13 +308,21 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
             policy.end_epoch()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        test_acc = evaluate(net, splits.test, config) if world.main else 0.0
+        if world.size > 1:  # the global loss, and rank 0's accuracy (its model is the checkpoint's)
+            totals = torch.tensor([loss_sum, samples, test_acc], dtype=torch.float64, device=config.device)
+            dist.all_reduce(totals)
+            loss_sum, samples, test_acc = totals[0].item(), int(totals[1].item()), totals[2].item()
         row = {
             "epoch": epoch, "mode": "drop" if dropping else "full", "batch_size": batch_size,
             "lr": lr * (policy.lr_factor if dropping else 1.0), "steps": steps,
-            "train_loss": loss_sum / max(samples, 1), "test_acc": evaluate(net, splits.test, config),
+            "train_loss": loss_sum / max(samples, 1), "test_acc": test_acc,
             "epoch_time": epoch_time, "time_per_sample": epoch_time / max(samples, 1),
             "bwd_flops_skipped": skipped_share / steps if dropping and steps else 0.0,
         }
+        if sent is not None:  # what this rank's DDP all-reduced per step, and left out
+            row["allreduce_bytes"] = (comm.bytes_reduced - sent[0]) / max(steps, 1)
+            row["allreduce_bytes_skipped"] = (comm.bytes_skipped - sent[1]) / max(steps, 1)
         if isinstance(policy, LayerDropBack):
             row["actual_drop_rate"] = policy.stats["actual_drop_rate"]
         elif isinstance(policy, ChannelDropBack):
@@ -235,7 +331,8 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
         elif isinstance(policy, LearnAndDrop):
             row["frozen_layers"] = len(policy.frozen_layers)
         result.history.append(row)
-        if config.checkpoint:
+        if config.checkpoint and world.main:
+            os.makedirs(os.path.dirname(os.path.abspath(config.checkpoint)), exist_ok=True)
             torch.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -243,13 +340,20 @@ def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | N
                 "epoch": epoch, "history": result.history, "config": asdict(config),
                 "torch_rng": torch.get_rng_state(),
             }, config.checkpoint)
-        if config.out_dir:
+        if config.checkpoint and world.size > 1:
+            dist.barrier()  # no rank goes on before the checkpoint it would resume from exists
+        if config.out_dir and world.main:
             write_log(result, config.out_dir)
         if on_epoch is not None:  # after the checkpoint: an interrupted run resumes from here
             on_epoch(row)
     if policy is not None:
         policy.remove()
     return result
+
+
+def _ddp(net: torch.nn.Module, config: TrainConfig) -> torch.nn.parallel.DistributedDataParallel:
+    device = torch.device(config.device)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
 
 class _Indexed(torch.utils.data.Dataset):

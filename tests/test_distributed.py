@@ -1,4 +1,4 @@
-"""DistributedDataParallel with dropped layers: 2 gloo ranks on loopback, CPU, with a timeout guard."""
+"""DDP and FSDP2 with dropped layers: 2 gloo ranks on loopback, CPU, with a timeout guard."""
 
 import datetime
 import os
@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import ldbfx
 
@@ -28,36 +29,65 @@ def data():
             for _ in range(STEPS)]
 
 
-def train(gm, model, net, batches, record, resample="step"):
+def train(gm, model, net, batches, record, resample="step", after_first_step=lambda: None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     policy = ldbfx.LayerDropBack(gm, opt, drop_rate=0.5, period=1, kappa=1.0, resample=resample, seed=7)
     policy.start_epoch(1)  # a DROP epoch from the first step
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
         record.append(policy.dropped)
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad()
         policy.step()
+        if step == 0:
+            after_first_step()
     policy.end_epoch()
 
 
-def _rank(rank, world, init_file, out_dir, resample="step", dense=True):
+def _init(rank, world, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
+
+
+def _wrap(gm, variant):
+    """The distributed wrapper a variant names: ``ddp`` / ``fsdp``, ``-compile``, ``-hook``, ``-sparse``."""
+    result = {}
+    if not variant.endswith("-sparse"):
+        ldbfx.distributed.dense_gradients(gm)
+    if variant.startswith("fsdp"):
+        from torch.distributed.fsdp import fully_shard
+
+        net = fully_shard(gm)
+    elif variant.endswith("-hook"):
+        # Tiny buckets: some hold only dropped layers (not sent), some are mixed (partly sent).
+        net = nn.parallel.DistributedDataParallel(gm, bucket_cap_mb=0.001)  # no find_unused_parameters
+        result["comm"] = ldbfx.distributed.skip_dropped_allreduce(net)
+    else:
+        net = nn.parallel.DistributedDataParallel(gm)  # no find_unused_parameters
+    if "-compile" in variant:
+        result["counter"] = counter = CompileCounterWithBackend("aot_eager")
+        net = torch.compile(net, backend=counter)
+    return net, result
+
+
+def _rank(rank, world, init_file, out_dir, resample="step", variant="ddp"):
+    _init(rank, world, init_file)
     model = make_model()
     gm = ldbfx.transform(model, keep_first=1)  # 4 of 6 layers eligible
-    if dense:
-        ldbfx.distributed.dense_gradients(gm)
-    ddp = nn.parallel.DistributedDataParallel(gm)  # no find_unused_parameters
+    net, extra = _wrap(gm, variant)
     shard = BATCH // world
     batches = [(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]) for x, y in data()]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masks = []
-    train(gm, model, ddp, batches, masks, resample)
+    masks, compiled_frames = [], []
+    counter = extra.get("counter")
+    train(gm, model, net, batches, masks, resample,
+          after_first_step=lambda: compiled_frames.append(counter and counter.frame_count))
     ldbfx.distributed.check_masks(gm)
-    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "before": before,
-                "masks": masks}, os.path.join(out_dir, f"rank{rank}.pt"))
+    params = {n: getattr(p, "full_tensor", p.detach)().detach() for n, p in model.named_parameters()}
+    torch.save({"params": params, "before": before, "masks": masks, "comm": extra.get("comm"),
+                "frames": (compiled_frames[0], counter and counter.frame_count)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -71,14 +101,28 @@ def _spawn(fn, world, *args):
             pytest.fail(f"distributed run did not finish in {TIMEOUT_S} s (hang)")
 
 
-@pytest.mark.parametrize("resample", ["step", "epoch"])
-def test_ddp_with_dropped_layers_matches_one_process_on_the_whole_batch(tmp_path, resample):
-    _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), resample)
+@pytest.mark.parametrize(("variant", "resample"), [
+    ("ddp", "step"), ("ddp", "epoch"), ("ddp-compile", "step"), ("ddp-hook", "step"),
+    ("fsdp-sparse", "step"), ("fsdp-compile", "step"),
+])
+def test_distributed_with_dropped_layers_matches_one_process_on_the_whole_batch(tmp_path, variant, resample):
+    _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), resample, variant)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     model = make_model()
     gm = ldbfx.transform(model, keep_first=1)  # 4 of 6 layers eligible
     masks = []
     train(gm, model, gm, data(), masks, resample)
+    if "-compile" in variant:  # masks changed every step: compiled once, on the first step
+        assert all(r["frames"][0] >= 1 and r["frames"][0] == r["frames"][1] for r in ranks), ranks[0]["frames"]
+    if variant.endswith("-hook"):
+        # Each step sends exactly the kept layers' gradients; the dropped ones' bytes are skipped.
+        sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+        total = sum(sizes.values())
+        skipped = sum(size for step in masks for n, size in sizes.items() if n.rsplit(".", 1)[0] in step)
+        for r in ranks:
+            assert r["comm"].steps == STEPS
+            assert r["comm"].bytes_skipped == skipped > 0
+            assert r["comm"].bytes_reduced == STEPS * total - skipped
     assert ranks[0]["masks"] == ranks[1]["masks"] == masks  # the same seed: the same layers everywhere
     assert any(masks), "some layers were dropped"
     reference = dict(model.named_parameters())
@@ -97,12 +141,12 @@ def test_ddp_with_dropped_layers_matches_one_process_on_the_whole_batch(tmp_path
 def test_without_dense_gradients_ddp_fails_as_pytorch_documents(tmp_path):
     # The known pain this mode removes: DDP sees the dropped layers as unused parameters.
     with pytest.raises(Exception, match="finished reduction|unused parameters|did not receive grad"):
-        _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), "epoch", False)
+        _spawn(_rank, 2, str(tmp_path / "init"), str(tmp_path), "epoch", "ddp-sparse")
 
 
 def _divergent_rank(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    _init(rank, world, init_file)
+    assert ldbfx.distributed.broadcast_seed(100 + rank) == 100  # rank-local seeds -> rank 0's
     gm = ldbfx.transform(make_model(), keep_first=1)
     ldbfx.distributed.check_masks(gm)  # all full: equal
     ldbfx.set_dropped(gm, [1 + rank])  # as if each rank had its own seed
@@ -120,3 +164,14 @@ def test_check_masks_detects_divergent_ranks(tmp_path):
     _spawn(_divergent_rank, 2, str(tmp_path / "init"), str(tmp_path))
     for rank in range(2):
         assert "masks differ between ranks" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def test_skip_dropped_allreduce_names_what_is_missing():
+    class FakeDDP:  # the hook is refused before DDP is touched
+        def __init__(self, module):
+            self.module = module
+
+    with pytest.raises(ldbfx.LdbfxError, match="module from ldbfx.transform"):
+        ldbfx.distributed.skip_dropped_allreduce(FakeDDP(make_model()))
+    with pytest.raises(ldbfx.LdbfxError, match="dense_gradients"):
+        ldbfx.distributed.skip_dropped_allreduce(FakeDDP(ldbfx.transform(make_model())))

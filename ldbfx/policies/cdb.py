@@ -165,7 +165,7 @@ class ChannelDropBack:
         for position, rows in self._frozen.items():
             size = self._sizes[position]
             if 0 < rows.numel() < size:
-                for param in self.gm._ldbfx_layer_params[self._records[position].index]:
+                for param in self.gm._ldbfx_params(self._records[position].index):
                     if param.grad is not None and (param.dim() >= 2 or self.dim == 0):
                         param.grad.mul_(size / (size - rows.numel()))
 

@@ -163,7 +163,7 @@ class LearnAndDrop:
         # Unit k = scored layer k and the unscored layers up to the next scored one.
         starts = [0] + list(scored[1:])
         self._unit_start = tuple(starts)
-        self._weights = tuple(max(gm._ldbfx_layer_params[i], key=lambda p: p.dim()) for i in scored)
+        self._weights = tuple(max(gm._ldbfx_params(i), key=lambda p: p.dim()) for i in scored)
         self.frozen_units = 0  # the head starts at scored layer ``frozen_units``
         self._stored: list[float] = []
         self.history: list[dict[str, Any]] = []
@@ -247,7 +247,7 @@ class LearnAndDrop:
                              f"(frozen layers are never reinstated; the last scored layer always trains), got {units}")
         self.frozen_units = units
         for layer in self._layers[: self.cut_layer]:
-            for param in self.gm._ldbfx_layer_params[layer.index]:
+            for param in self.gm._ldbfx_params(layer.index):
                 param.requires_grad_(False)
                 param.grad = None
         self.gm.__dict__["_ldbfx_pinned_eval"] = tuple(self._prefix_modules())
