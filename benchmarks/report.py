@@ -1,7 +1,7 @@
 """Turns benchmark JSON into the markdown tables of docs/benchmarks.md.
 
-Reads the ``--out`` of bench_core.py / ``ldbfx bench``, ldb_speedup.py and bench_policies.py (the
-kind is recognised from the rows):
+Reads the ``--out`` of bench_core.py / ``ldbfx bench``, ldb_speedup.py, bench_policies.py and
+ddp_comm.py (the kind is recognised from the rows):
 
     python benchmarks/report.py cpu_resnet50.json cpu_vit.json >> docs/benchmarks.md
 """
@@ -52,9 +52,30 @@ def policies_table(data: dict) -> str:
     return "\n".join(out)
 
 
+def comm_table(data: dict) -> str:
+    """ddp_comm.py: all-reduce bytes per step and step time, DDP's own all-reduce vs the hook."""
+    meta, args = data["meta"], data["meta"]["args"]
+    out = [f"{meta['date']}, torch {meta['torch']}, {meta['device_name']}, {args['ranks']} ranks "
+           f"({args['threads']} thread each), batch {args['batch']} per rank, {args['resolution']} px, "
+           f"{args['rounds']} rotated rounds of {args['steps']} steps", "",
+           "| model | drop rate (actual) | MB/step DDP | MB/step hook | bytes saved | s/step DDP [range] "
+           "| s/step hook [range] | time saved |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        ddp, hook = r["step_time_ddp"], r["step_time_hook"]
+        out.append(
+            f"| {r['model']} | {r['drop_rate']} ({r['actual_drop_rate']:.2f}) | {r['bytes_per_step_ddp'] / 1e6:.1f} | "
+            f"{r['bytes_per_step_hook'] / 1e6:.1f} | {100 * r['bytes_skipped_per_step'] / r['bytes_per_step_ddp']:.1f}% | "
+            f"{ddp:.3f} [{r['step_time_ddp_range'][0]:.3f}, {r['step_time_ddp_range'][1]:.3f}] | "
+            f"{hook:.3f} [{r['step_time_hook_range'][0]:.3f}, {r['step_time_hook_range'][1]:.3f}] | "
+            f"{_pct(1 - hook / ddp)} |")
+    return "\n".join(out)
+
+
 def table(path: str) -> str:
     with open(path) as f:
         data = json.load(f)
+    if "bytes_per_step_ddp" in data["rows"][0]:
+        return comm_table(data)
     if "variant" in data["rows"][0]:
         return policies_table(data)
     if "flop_bound_speedup" in data["rows"][0]:

@@ -120,13 +120,14 @@ class _SkipDropped:
         never = len(gm.ldbfx_layers)  # index of an always-False slot appended to the mask
         self._never = never
         self._layer_of = {id(p): i for i in range(never) for p in gm._ldbfx_params(i)}
-        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
-    def layout(self, bucket) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(layer index per parameter, numel per parameter)`` of ``bucket``, in buffer order.
+    def layout(self, bucket) -> tuple[torch.Tensor, ...]:
+        """``(layer index, numel, start, stop)`` per parameter of ``bucket``, in buffer order.
 
-        DDP rebuilds its buckets once, after the first step; the layouts are keyed by the bucket's
-        parameters, so a rebuilt bucket gets its own.
+        DDP packs a bucket's gradients back to back in parameter order. It rebuilds its buckets
+        once, after the first step; layouts are keyed by the bucket's parameters, so a rebuilt
+        bucket gets its own.
         """
         params = bucket.parameters()
         key = tuple(map(id, params))
@@ -134,13 +135,14 @@ class _SkipDropped:
         if layout is None:
             layers = torch.tensor([self._layer_of.get(id(p), self._never) for p in params])
             sizes = torch.tensor([p.numel() for p in params])
-            layout = self._layouts[key] = (layers, sizes)
+            stops = sizes.cumsum(0)
+            layout = self._layouts[key] = (layers, sizes, stops - sizes, stops)
         return layout
 
 
 def _skip_dropped_hook(state, bucket):  # no annotations: DDP compares them as objects, not strings
     buffer = bucket.buffer()
-    layers, sizes = state.layout(bucket)
+    layers, sizes, starts, stops = state.layout(bucket)
     dropped = torch.cat((state.mask, state.mask.new_zeros(1)))[layers]
     stats = state.stats
     if bucket.is_last():
@@ -155,20 +157,28 @@ def _skip_dropped_hook(state, bucket):  # no annotations: DDP compares them as o
         future = torch.futures.Future()
         future.set_result(buffer)
         return future
-    keep = torch.repeat_interleave(~dropped, sizes).to(buffer.device, non_blocking=True)
-    return _allreduce(state, buffer[keep], buffer, keep)
+    # The kept gradients as runs of adjacent parameters: views of the buffer, sent in one
+    # collective (packed when there are several runs, in place when there is one).
+    kept = (~dropped).to(torch.int8)
+    edges = torch.diff(kept, prepend=kept.new_zeros(1), append=kept.new_zeros(1))
+    first, last = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten() - 1
+    runs = [buffer[a:b] for a, b in zip(starts[first].tolist(), stops[last].tolist())]
+    if len(runs) == 1:
+        return _allreduce(state, runs[0], buffer)
+    return _allreduce(state, torch.cat(runs), buffer, runs)
 
 
-def _allreduce(state: _SkipDropped, tensor, buffer, keep=None):
+def _allreduce(state: _SkipDropped, tensor, buffer, runs=None):
+    """All-reduces ``tensor`` (the buffer, a view of it, or its ``runs`` packed); the future
+    yields the buffer holding the mean."""
     state.stats.bytes_reduced += tensor.numel() * tensor.element_size()
     tensor.div_(state.group.size())  # before the sum, as DDP's own hook does (no fp16 overflow)
     work = torch.distributed.all_reduce(tensor, group=state.group, async_op=True)
 
     def done(future):
-        reduced = future.value()[0]
-        if keep is None:
-            return reduced
-        buffer[keep] = reduced
+        if runs is not None:
+            for run, reduced in zip(runs, future.value()[0].split([r.numel() for r in runs])):
+                run.copy_(reduced)
         return buffer
 
     return work.get_future().then(done)

@@ -24,7 +24,7 @@ from torch.optim.optimizer import (
 )
 
 from . import ops
-from .errors import LayerNotFoundError
+from .errors import LayerNotFoundError, LdbfxError
 from .layers import Layer
 from .module import MASK_ATTR, LdbGraphModule
 
@@ -178,6 +178,17 @@ def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:
     return index % len(layers)
 
 
+def _refuse_sharded(param: torch.Tensor, what: str) -> None:
+    """Row freezing and Learn&Drop read and restore parameter slices and gradients as plain tensors;
+    FSDP2 shards them (DTensor). Refused rather than silently wrong."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(param, DTensor):
+            raise LdbfxError(f"{what} does not support FSDP2-sharded parameters (fully_shard) yet: "
+                             "use DistributedDataParallel with ldbfx.distributed.dense_gradients(gm)")
+
+
 def _row_params(gm: LdbGraphModule, index: int):
     params = gm._ldbfx_params(index)
     weight = next(p for p in params if p.dim() >= 2)
@@ -223,6 +234,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
     for layer, frozen in rows.items():
         index = _row_layer(gm, layer)
         weight, _ = _row_params(gm, index)
+        _refuse_sharded(weight, "set_frozen_rows (ChannelDropBack)")
         size = weight.shape[dim]
         frozen = torch.as_tensor(frozen)
         if frozen.dtype == torch.bool:

@@ -50,15 +50,18 @@ _opaque_in_eager = False  # tests and benchmarks run the compiled path's Functio
 
 # Mask storages of models whose dropped layers must yield zero gradients rather than none, so
 # that every parameter gets a gradient each step (DistributedDataParallel's reducer expects it):
-# those models take the opaque path in eager mode too. See ldbfx.distributed.dense_gradients.
+# their dropped layers take the opaque path in eager mode too. See ldbfx.distributed.dense_gradients.
 _DENSE: set[int] = set()
 
 
-def _opaque(mask: Tensor) -> bool:
-    """Whether to run the opaque (compiled-path) Functions: under compile, in ``opaque_path``,
-    or for a model in dense-gradient mode."""
-    return (_opaque_in_eager or torch.compiler.is_compiling()
-            or (bool(_DENSE) and mask.untyped_storage().data_ptr() in _DENSE))
+def _opaque(mask: Tensor, index: int) -> bool:
+    """Whether to run the opaque (compiled-path) Functions: under compile, in ``opaque_path``, or
+    for a dropped layer of a model in dense-gradient mode (its Function returns a zero weight
+    gradient without computing it). Kept layers of a dense model run the plain op, so their
+    gradients are bitwise those of the default path and their backward is the fused native one."""
+    if _opaque_in_eager or torch.compiler.is_compiling():
+        return True
+    return bool(_DENSE) and mask.untyped_storage().data_ptr() in _DENSE and _is_dropped(mask, index)
 
 
 class opaque_path:
@@ -393,7 +396,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, index: 
     """``F.linear`` whose weight and bias gradients are skipped while layer ``index`` is dropped."""
     if not _needs_grad(x, weight, bias):
         return F.linear(x, weight, bias)
-    if not _opaque(mask):
+    if not _opaque(mask, index):
         if _is_dropped(mask, index):
             weight, bias = weight.detach(), _detach(bias)
         elif (rows := row_selection(mask, index)) is not None and weight.requires_grad:
@@ -408,7 +411,7 @@ def matmul(x: Tensor, weight: Tensor, mask: Tensor, index: int) -> Tensor:
     """``x @ weight`` for a 2-D parameter ``weight``, masked like :func:`linear`."""
     if not _needs_grad(x, weight) or weight.dim() != 2 or x.dim() < 2:
         return torch.matmul(x, weight)
-    if not _opaque(mask):
+    if not _opaque(mask, index):
         return torch.matmul(x, weight.detach() if _is_dropped(mask, index) else weight)
     x, weight = _autocast(x, weight)
     return _Linear.apply(x, weight, None, mask, index, True)
@@ -488,7 +491,7 @@ def conv(
     n = weight.dim() - 2
     if not _needs_grad(x, weight, bias):
         return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-    if not _opaque(mask):
+    if not _opaque(mask, index):
         if not _is_dropped(mask, index):
             rows = row_selection(mask, index)
             if rows is None or not weight.requires_grad:
@@ -547,7 +550,7 @@ def embedding(
     """``F.embedding`` (no ``max_norm``, dense gradient) whose weight gradient is maskable."""
     if not _needs_grad(weight):
         return F.embedding(indices, weight, padding_idx, None, 2.0, scale_grad_by_freq, False)
-    if not _opaque(mask):
+    if not _opaque(mask, index):
         if _is_dropped(mask, index):
             weight = weight.detach()
         return F.embedding(indices, weight, padding_idx, None, 2.0, scale_grad_by_freq, False)
@@ -577,7 +580,7 @@ def masked_param(param: Tensor, mask: Tensor, index: int) -> Tensor:
     """Returns ``param`` itself, but its gradient is dropped while layer ``index`` is dropped."""
     if not _needs_grad(param):
         return param
-    if not _opaque(mask):
+    if not _opaque(mask, index):
         return param.detach() if _is_dropped(mask, index) else param
     return _MaskedParam.apply(param, mask, index)
 

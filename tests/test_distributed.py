@@ -85,8 +85,17 @@ def _rank(rank, world, init_file, out_dir, resample="step", variant="ddp"):
           after_first_step=lambda: compiled_frames.append(counter and counter.frame_count))
     ldbfx.distributed.check_masks(gm)
     params = {n: getattr(p, "full_tensor", p.detach)().detach() for n, p in model.named_parameters()}
+    refusals = []
+    if variant.startswith("fsdp"):  # row freezing and Learn&Drop refuse sharded parameters
+        for attempt in (lambda: ldbfx.set_frozen_rows(gm, {"2": [0]}),
+                        lambda: ldbfx.LearnAndDrop(gm, warmup_epochs=1).start_epoch(0)):
+            try:
+                attempt()
+                refusals.append("")
+            except ldbfx.LdbfxError as error:
+                refusals.append(str(error))
     torch.save({"params": params, "before": before, "masks": masks, "comm": extra.get("comm"),
-                "frames": (compiled_frames[0], counter and counter.frame_count)},
+                "frames": (compiled_frames[0], counter and counter.frame_count), "refusals": refusals},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -114,6 +123,8 @@ def test_distributed_with_dropped_layers_matches_one_process_on_the_whole_batch(
     train(gm, model, gm, data(), masks, resample)
     if "-compile" in variant:  # masks changed every step: compiled once, on the first step
         assert all(r["frames"][0] >= 1 and r["frames"][0] == r["frames"][1] for r in ranks), ranks[0]["frames"]
+    if variant.startswith("fsdp"):
+        assert all(len(r["refusals"]) == 2 and all("FSDP2" in m for m in r["refusals"]) for r in ranks)
     if variant.endswith("-hook"):
         # Each step sends exactly the kept layers' gradients; the dropped ones' bytes are skipped.
         sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
@@ -175,3 +186,21 @@ def test_skip_dropped_allreduce_names_what_is_missing():
         ldbfx.distributed.skip_dropped_allreduce(FakeDDP(make_model()))
     with pytest.raises(ldbfx.LdbfxError, match="dense_gradients"):
         ldbfx.distributed.skip_dropped_allreduce(FakeDDP(ldbfx.transform(make_model())))
+
+
+def test_dense_gradients_zero_for_dropped_layers_and_unchanged_for_kept_ones():
+    x, y = data()[0]
+    grads = {}
+    for dense in (False, True):
+        model = make_model()
+        gm = ldbfx.transform(model, keep_first=1)
+        ldbfx.distributed.dense_gradients(gm, enabled=dense)
+        ldbfx.set_dropped(gm, ["2", "7"])
+        nn.functional.cross_entropy(gm(x), y).backward()
+        grads[dense] = {n: p.grad for n, p in model.named_parameters()}
+        ldbfx.distributed.dense_gradients(gm, enabled=False)
+    for name, grad in grads[True].items():
+        if name.split(".")[0] in ("2", "7"):
+            assert grads[False][name] is None and torch.count_nonzero(grad) == 0, name
+        else:
+            assert torch.equal(grad, grads[False][name]), name  # kept layers run the plain op

@@ -50,7 +50,7 @@ from torch import fx
 
 from ..errors import LdbfxError
 from ..layers import layers as _layers
-from ..mask import _ROW_KINDS
+from ..mask import _ROW_KINDS, _refuse_sharded
 from ..module import MASK_ATTR
 
 __all__ = ["LearnAndDrop", "layer_change_scores", "standardize", "drop_count"]
@@ -163,7 +163,7 @@ class LearnAndDrop:
         # Unit k = scored layer k and the unscored layers up to the next scored one.
         starts = [0] + list(scored[1:])
         self._unit_start = tuple(starts)
-        self._weights = tuple(max(gm._ldbfx_params(i), key=lambda p: p.dim()) for i in scored)
+        self._weights = self._current_weights()
         self.frozen_units = 0  # the head starts at scored layer ``frozen_units``
         self._stored: list[float] = []
         self.history: list[dict[str, Any]] = []
@@ -174,6 +174,9 @@ class LearnAndDrop:
         self._store: dict[str, Any] | None = None
 
     # -- scores -----------------------------------------------------------------------------------
+    def _current_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(max(self.gm._ldbfx_params(i), key=lambda p: p.dim()) for i in self._scored)
+
     def _reset_accumulators(self) -> None:
         head = self._weights[self.frozen_units:]
         self._sum = [torch.zeros_like(w, dtype=torch.float32) for w in head]
@@ -196,6 +199,11 @@ class LearnAndDrop:
     # -- schedule ---------------------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
         """Starts an epoch: fresh score accumulators."""
+        for param in self._weights:
+            _refuse_sharded(param, "Learn&Drop")
+        if any(w is not current for w, current in zip(self._weights, self._current_weights())):
+            raise LdbfxError("the model's parameters were replaced after LearnAndDrop was built (a "
+                             "wrapper such as fully_shard?): build the policy on the final model")
         self.epoch = epoch
         self._reset_accumulators()
 
