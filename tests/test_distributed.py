@@ -29,15 +29,23 @@ def data():
             for _ in range(STEPS)]
 
 
-def train(gm, model, net, batches, record, resample="step", after_first_step=lambda: None):
+def _dropped_params(model, dropped):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in dropped}
+
+
+def train(gm, model, net, batches, record, resample="step", after_first_step=lambda: None, unchanged=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     policy = ldbfx.LayerDropBack(gm, opt, drop_rate=0.5, period=1, kappa=1.0, resample=resample, seed=7)
     policy.start_epoch(1)  # a DROP epoch from the first step
     for step, (x, y) in enumerate(batches):
         record.append(policy.dropped)
+        before = _dropped_params(model, policy.dropped) if unchanged is not None else {}
         nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad()
+        if unchanged is not None:  # this step's dropped layers, bit for bit (sharded: this rank's shard)
+            after = _dropped_params(model, policy.dropped)
+            unchanged.append(bool(before) and all(torch.equal(before[n], after[n]) for n in before))
         policy.step()
         if step == 0:
             after_first_step()
@@ -79,10 +87,10 @@ def _rank(rank, world, init_file, out_dir, resample="step", variant="ddp"):
     shard = BATCH // world
     batches = [(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]) for x, y in data()]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masks, compiled_frames = [], []
+    masks, compiled_frames, unchanged = [], [], []
     counter = extra.get("counter")
     train(gm, model, net, batches, masks, resample,
-          after_first_step=lambda: compiled_frames.append(counter and counter.frame_count))
+          after_first_step=lambda: compiled_frames.append(counter and counter.frame_count), unchanged=unchanged)
     ldbfx.distributed.check_masks(gm)
     params = {n: getattr(p, "full_tensor", p.detach)().detach() for n, p in model.named_parameters()}
     refusals = []
@@ -94,7 +102,7 @@ def _rank(rank, world, init_file, out_dir, resample="step", variant="ddp"):
                 refusals.append("")
             except ldbfx.LdbfxError as error:
                 refusals.append(str(error))
-    torch.save({"params": params, "before": before, "masks": masks, "comm": extra.get("comm"),
+    torch.save({"params": params, "before": before, "masks": masks, "comm": extra.get("comm"), "unchanged": unchanged,
                 "frames": (compiled_frames[0], counter and counter.frame_count), "refusals": refusals},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -135,7 +143,8 @@ def test_distributed_with_dropped_layers_matches_one_process_on_the_whole_batch(
             assert r["comm"].bytes_skipped == skipped > 0
             assert r["comm"].bytes_reduced == STEPS * total - skipped
     assert ranks[0]["masks"] == ranks[1]["masks"] == masks  # the same seed: the same layers everywhere
-    assert any(masks), "some layers were dropped"
+    assert all(masks), "layers were dropped at every step"
+    assert ranks[0]["unchanged"] == ranks[1]["unchanged"] == [True] * STEPS  # the optimizer left them alone
     reference = dict(model.named_parameters())
     for r in ranks:
         for name, value in r["params"].items():
