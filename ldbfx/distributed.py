@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,12 @@ def dense_gradients(gm, enabled: bool = True) -> None:
         gm: a module returned by :func:`ldbfx.transform`, before wrapping it in DDP.
         enabled: ``False`` restores the default (``None`` gradients in eager mode).
     """
-    key = _check(gm).__dict__[MASK_ATTR].untyped_storage().data_ptr()
+    mask = _check(gm).__dict__[MASK_ATTR]
+    key = mask.untyped_storage().data_ptr()
     if enabled:
         ops._DENSE.add(key)
+        # Forget the address with the model: a later model's mask may be allocated there.
+        weakref.finalize(mask, ops._DENSE.discard, key)
     else:
         ops._DENSE.discard(key)
 

@@ -213,3 +213,17 @@ def test_dense_gradients_zero_for_dropped_layers_and_unchanged_for_kept_ones():
             assert grads[False][name] is None and torch.count_nonzero(grad) == 0, name
         else:
             assert torch.equal(grad, grads[False][name]), name  # kept layers run the plain op
+
+
+def test_dense_mode_is_forgotten_with_its_model():
+    import gc
+
+    from ldbfx import ops
+
+    gm = ldbfx.transform(make_model())
+    ldbfx.distributed.dense_gradients(gm)
+    key = gm._ldbfx_mask.untyped_storage().data_ptr()
+    assert key in ops._DENSE
+    del gm
+    gc.collect()
+    assert key not in ops._DENSE  # a new model allocated at that address starts in the default mode
