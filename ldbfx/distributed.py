@@ -121,13 +121,12 @@ class _SkipDropped:
         self.mask = gm.__dict__[MASK_ATTR]
         self.group = group if group is not None else torch.distributed.group.WORLD
         self.stats = AllReduceStats()
-        never = len(gm.ldbfx_layers)  # index of an always-False slot appended to the mask
-        self._never = never
-        self._layer_of = {id(p): i for i in range(never) for p in gm._ldbfx_params(i)}
+        self._layer_of = {id(p): i for i in range(len(gm.ldbfx_layers)) for p in gm._ldbfx_params(i)}
         self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     def layout(self, bucket) -> tuple[torch.Tensor, ...]:
-        """``(layer index, numel, start, stop)`` per parameter of ``bucket``, in buffer order.
+        """``(layer index, in a layer, numel, start, stop)`` per parameter of ``bucket``, in buffer
+        order (parameters in no layer, which are never dropped, get index 0 and ``False``).
 
         DDP packs a bucket's gradients back to back in parameter order. It rebuilds its buckets
         once, after the first step; layouts are keyed by the bucket's parameters, so a rebuilt
@@ -137,17 +136,17 @@ class _SkipDropped:
         key = tuple(map(id, params))
         layout = self._layouts.get(key)
         if layout is None:
-            layers = torch.tensor([self._layer_of.get(id(p), self._never) for p in params])
+            layers = torch.tensor([self._layer_of.get(id(p), -1) for p in params])
             sizes = torch.tensor([p.numel() for p in params])
             stops = sizes.cumsum(0)
-            layout = self._layouts[key] = (layers, sizes, stops - sizes, stops)
+            layout = self._layouts[key] = (layers.clamp(min=0), layers >= 0, sizes, stops - sizes, stops)
         return layout
 
 
 def _skip_dropped_hook(state, bucket):  # no annotations: DDP compares them as objects, not strings
     buffer = bucket.buffer()
-    layers, sizes, starts, stops = state.layout(bucket)
-    dropped = torch.cat((state.mask, state.mask.new_zeros(1)))[layers]
+    layers, in_layer, sizes, starts, stops = state.layout(bucket)
+    dropped = state.mask[layers] & in_layer
     stats = state.stats
     if bucket.is_last():
         stats.steps += 1
