@@ -4,8 +4,9 @@ vs ldbfx's default eager path, with the same LayerDropBack draws. One process, n
     python benchmarks/dense_mode.py --models resnet50 vit_b_16 --resolution 64 --batch 8 \
         --out benchmarks/results/dense-mode.json
 
-Dense mode runs the opaque path in eager mode: dropped layers return zero gradients (not computed)
-that the optimizer hook turns back into ``None``; kept layers compute dX and dW in separate calls.
+Dense mode runs the default eager path and attaches zero gradients (not computed) to the dropped
+layers' parameters, which the optimizer hook turns back into ``None``; kept layers run the plain op.
+(Until 2026-12-01 dense mode ran the compiled path's Functions eagerly for dropped layers.)
 Median over rotated rounds of ``--steps`` consecutive steps.
 """
 

@@ -9,6 +9,89 @@ import sys
 __all__ = ["main"]
 
 
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, ``ldbfx CMD: error: ...``, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and a pointer to ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse type: ``kind(value)`` within ``[low, high]`` (``(``/``)`` where open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+            rule = f"in {lo}, {hi}" if low is not None and high is not None else (
+                f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+_POSITIVE_INT = _number(int, 1)
+_FRACTION = _number(float, 0.0, 1.0)
+
+
+def check_model_name(name: str) -> None:
+    """Raises :class:`UsageError` unless ``name`` is a torchvision classification or timm model."""
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return
+    import timm
+
+    if name in timm.list_models():
+        return
+    import difflib
+
+    known = list(dict.fromkeys(torchvision.models.list_models(module=torchvision.models) + timm.list_models()))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models() or timm.list_models()"
+    raise UsageError(f"unknown model {name!r}: not a torchvision classification model nor a timm model; {hint}")
+
+
+def check_device(device: str) -> None:
+    """Raises :class:`UsageError` unless ``device`` names a device this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: only cpu, cuda and mps are supported")
+
+
+def _check_run(args) -> None:
+    """What can be checked before any data is loaded or a model built."""
+    check_device(args.device)
+    if getattr(args, "resume", None) and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such checkpoint file; pass the path given to --checkpoint")
+    check_model_name(args.model)
+
+
 def _lr_scale(value: str):
     if value in ("kappa", "none"):
         return None
@@ -19,43 +102,43 @@ def _lr_scale(value: str):
 
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LayerDropBack policy")
-    g.add_argument("--drop-rate", type=float, default=0.3,
+    g.add_argument("--drop-rate", type=_number(float, 0.0, 1.0, high_open=True), default=0.3,
                    help="probability that an eligible layer's weight gradient is skipped at a DROP-epoch step")
-    g.add_argument("--period", type=int, default=2, help="every PERIOD-th epoch (from epoch PERIOD on) is a DROP epoch")
-    g.add_argument("--kappa", type=float, default=2.0, help="batch-size factor in DROP epochs")
+    g.add_argument("--period", type=_POSITIVE_INT, default=2, help="every PERIOD-th epoch (from epoch PERIOD on) is a DROP epoch")
+    g.add_argument("--kappa", type=_number(float, 1.0), default=2.0, help="batch-size factor in DROP epochs")
     g.add_argument("--lr-scale", type=_lr_scale, default=None,
                    help="LR factor in DROP epochs: a number, 'kappa' (default) or 'inverse_keep' (1/(1-drop_rate))")
     g.add_argument("--resample", choices=["step", "epoch"], default="step",
                    help="draw new layers every optimizer step or once per epoch")
     g = p.add_argument_group("ChannelDropBack policy (--policy cdb)")
-    g.add_argument("--layer-rate", type=float, default=1.0,
+    g.add_argument("--layer-rate", type=_number(float, 0.0, 1.0, low_open=True), default=1.0,
                    help="'one': probability that a step selects a layer; 'independent': each layer's probability")
-    g.add_argument("--channel-rate", type=float, default=0.5,
+    g.add_argument("--channel-rate", type=_FRACTION, default=0.5,
                    help="(final) probability that a channel of a selected layer is frozen")
     g.add_argument("--cdb-schedule", choices=["fixed", "milestones", "ramp"], default="fixed",
                    help="channel-rate schedule: from the start, raised at each milestone, or a linear ramp")
-    g.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs of the milestones/ramp schedules")
+    g.add_argument("--milestones", type=_POSITIVE_INT, nargs="*", default=[], help="epochs of the milestones/ramp schedules")
     g.add_argument("--cdb-dim", type=int, choices=[0, 1], default=0, help="0: output channels, 1: input channels")
     g.add_argument("--cdb-selection", choices=["one", "independent"], default="one",
                    help="one layer per step (paper) or every layer independently (authors' code)")
     g = p.add_argument_group("Learn&Drop policy (--policy learn-and-drop)")
-    g.add_argument("--warmup-epochs", type=int, default=2, help="epochs before the first freezing decision")
+    g.add_argument("--warmup-epochs", type=_number(int, 0), default=2, help="epochs before the first freezing decision")
     g.add_argument("--cache", choices=["memory", "disk"], default=None,
                    help="cache the frozen prefix's outputs per sample (deterministic data only)")
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
     p.add_argument("--model", default="resnet18", help="a torchvision or timm model name")
-    p.add_argument("--image-size", type=int, default=32, help="input resolution")
-    p.add_argument("--epochs", type=int, default=epochs, help="number of epochs")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="batch size of full epochs")
-    p.add_argument("--lr", type=float, default=0.05, help="base learning rate (SGD, Nesterov, cosine schedule)")
+    p.add_argument("--image-size", type=_POSITIVE_INT, default=32, help="input resolution")
+    p.add_argument("--epochs", type=_POSITIVE_INT, default=epochs, help="number of epochs")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=batch_size, help="batch size of full epochs")
+    p.add_argument("--lr", type=_number(float, 0.0, low_open=True), default=0.05, help="base learning rate (SGD, Nesterov, cosine schedule)")
     p.add_argument("--compile", action="store_true", help="train with torch.compile")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast dtype (default: fp32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, init and drop masks")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (quick smoke runs)")
+    p.add_argument("--max-steps", type=_POSITIVE_INT, default=None, help="cap steps per epoch (quick smoke runs)")
     p.add_argument("--allreduce-dropped", dest="skip_dropped_allreduce", action="store_false",
                    help="under torchrun, all-reduce dropped layers' (zero) gradients too, as plain DDP does")
     _add_policy_options(p)
@@ -81,14 +164,16 @@ def _config(args, **overrides):
 def _demo(args) -> int:
     from .demo import run_demo
 
+    _check_run(args)
+
     run_demo(_config(args, data="digits"), out_dir=args.out)
     return 0
 
 
 def _train(args) -> int:
-    from .data import DataError
     from .train import train
 
+    _check_run(args)
     config = _config(args, data=args.data, data_dir=args.data_dir, policy=args.policy, out_dir=args.out,
                      checkpoint=args.checkpoint, resume=args.resume)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints
@@ -99,11 +184,7 @@ def _train(args) -> int:
                   f"loss {row['train_loss']:.4f}  acc {100 * row['test_acc']:.2f}%  {row['epoch_time']:.1f}s",
                   flush=True)
 
-    try:
-        result = train(config, on_epoch=report)
-    except DataError as e:
-        print(f"ldbfx train: {e}", file=sys.stderr)
-        return 2
+    result = train(config, on_epoch=report)
     if main_rank:
         print(f"trained {len(result.history)} epochs in {result.train_time:.1f}s; "
               f"final test accuracy {100 * result.final_accuracy:.2f}%; log in {args.out}/log.json")
@@ -117,6 +198,7 @@ def _inspect(args) -> int:
     from .rewrite import transform
     from .train import build_model
 
+    check_model_name(args.model)
     model = build_model(args.model, args.num_classes)
     gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last)
     x = torch.randn(2, 3, args.input_size, args.input_size)
@@ -142,13 +224,16 @@ def _inspect(args) -> int:
 def _bench(args) -> int:
     from .bench import run
 
+    check_device(args.device)
+    for name in args.models:
+        check_model_name(name)
     run(args)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="ldbfx", formatter_class=fmt,
+    parser = _Parser(prog="ldbfx", formatter_class=fmt,
                                      description="Skip chosen layers' weight gradients (LayerDropBack) with a torch.fx pass.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -175,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", formatter_class=fmt, help="the layer table and graph of a model")
     p.add_argument("model", help="a torchvision or timm model name")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier width")
-    p.add_argument("--input-size", type=int, default=224, help="input resolution for the FLOP column")
-    p.add_argument("--keep-first", type=int, default=4, help="first layers that always train")
-    p.add_argument("--keep-last", type=int, default=1, help="last layers that always train")
+    p.add_argument("--num-classes", type=_POSITIVE_INT, default=1000, help="classifier width")
+    p.add_argument("--input-size", type=_POSITIVE_INT, default=224, help="input resolution for the FLOP column")
+    p.add_argument("--keep-first", type=_number(int, 0), default=4, help="first layers that always train")
+    p.add_argument("--keep-last", type=_number(int, 0), default=1, help="last layers that always train")
     p.add_argument("--code", action="store_true", help="print the rewritten graph's code")
     p.add_argument("--dot", default=None, help="write the layer DAG for Graphviz to this file")
     p.set_defaults(func=_inspect)
@@ -193,8 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .errors import LdbfxError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UsageError, DataError, LdbfxError) as error:
+        # Input the user can fix (checked up front where possible): one line, no traceback.
+        # Anything else is a bug in ldbfx and keeps its traceback.
+        print(f"ldbfx {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 DDP's reducer expects every parameter to receive a gradient in every backward. In eager mode a
 dropped layer leaves ``.grad`` as ``None`` (that is how it saves the weight gradient), which the
 reducer treats as an unused parameter: an "expected to have finished reduction" error on the next
-step, or ``find_unused_parameters=True`` and its per-step graph traversal. :func:`dense_gradients`
-switches a model to the path ``torch.compile`` uses: dropped layers still skip their weight-gradient
-computation (the opaque kernels return zeros without computing them), but every parameter gets a
-gradient, so the reducer all-reduces every bucket as usual. After the all-reduce, ldbfx's optimizer
-hook turns the dropped layers' zeros back into ``None``, so the optimizer leaves them untouched on
-every rank.
+step, or ``find_unused_parameters=True`` and its per-step graph traversal. In *dense mode*
+dropped layers still skip their weight-gradient computation (and keep no activation for it), but
+their parameters get zero gradients, so the reducer all-reduces every bucket as usual. After the
+all-reduce, ldbfx's optimizer hook turns those zeros back into ``None``, so the optimizer leaves
+them untouched on every rank.
+
+A transformed model switches to dense mode by itself the first time it runs inside a DDP forward:
+``DistributedDataParallel(ldbfx.transform(model))`` works as it is. :func:`dense_gradients` sets
+the mode explicitly (an explicit choice is kept).
 
 Masks must be the same on every rank. The policies draw them from their own seeded generator, so
 the same ``seed`` on every rank gives identical masks without communication; :func:`check_masks`
@@ -50,12 +53,17 @@ __all__ = ["dense_gradients", "check_masks", "broadcast_seed", "skip_dropped_all
 def dense_gradients(gm, enabled: bool = True) -> None:
     """Dropped layers of ``gm`` yield zero gradients instead of none (for DDP); FLOPs are still saved.
 
+    Not needed for DDP: a transformed model turns dense mode on the first time it runs inside a
+    DistributedDataParallel forward. Call it to choose explicitly; the choice is then kept.
+
     Args:
-        gm: a module returned by :func:`ldbfx.transform`, before wrapping it in DDP.
-        enabled: ``False`` restores the default (``None`` gradients in eager mode).
+        gm: a module returned by :func:`ldbfx.transform`.
+        enabled: ``False`` restores the default (``None`` gradients in eager mode), for good.
     """
     mask = _check(gm).__dict__[MASK_ATTR]
     key = mask.untyped_storage().data_ptr()
+    gm.__dict__["_ldbfx_dense"] = enabled
+    gm.__dict__["_ldbfx_dense_auto"] = False  # the user's choice: forward under DDP keeps it
     if enabled:
         ops._DENSE.add(key)
         # Forget the address with the model: a later model's mask may be allocated there.
@@ -216,10 +224,12 @@ def skip_dropped_allreduce(ddp, group=None) -> AllReduceStats:
         raise LdbfxError(
             f"skip_dropped_allreduce needs DDP around a module from ldbfx.transform, got "
             f"{type(gm).__name__}: wrap gm = ldbfx.transform(model) as DistributedDataParallel(gm)")
-    if gm.__dict__[MASK_ATTR].untyped_storage().data_ptr() not in ops._DENSE:
+    if gm.__dict__["_ldbfx_dense_auto"]:
+        dense_gradients(gm)  # what the first forward under DDP would do
+    if not gm.__dict__["_ldbfx_dense"]:
         raise LdbfxError(
-            "skip_dropped_allreduce needs dense gradients (DDP waits for every gradient): call "
-            "ldbfx.distributed.dense_gradients(gm) before wrapping gm in DistributedDataParallel")
+            "skip_dropped_allreduce needs dense gradients (DDP waits for every gradient), but they "
+            "were turned off with dense_gradients(gm, enabled=False): turn them back on")
     state = _SkipDropped(gm, group)
     ddp.register_comm_hook(state, _skip_dropped_hook)
     return state.stats

@@ -16,6 +16,31 @@ if TYPE_CHECKING:
 
 __all__ = ["LdbGraphModule", "MASK_ATTR"]
 
+
+def _inside_ddp() -> bool:
+    """True while a DistributedDataParallel forward is running (DDP marks itself on its class for
+    the duration of its ``module(...)`` call, for Dynamo's DDP optimizer). One attribute read.
+    FSDP2 and single-process runs never set it."""
+    return torch.nn.parallel.DistributedDataParallel._active_ddp_module is not None
+
+
+def _enable_dense(gm: LdbGraphModule) -> None:
+    from .distributed import dense_gradients
+
+    dense_gradients(gm)
+
+
+def _cuda_graph_capture_error() -> Exception:
+    from .errors import LdbfxError
+
+    return LdbfxError(
+        "an ldbfx-transformed model cannot run inside a manual CUDA-graph capture "
+        "(torch.cuda.graph, torch.cuda.make_graphed_callables): each layer decides on the host, "
+        "from the drop mask, which kernels to launch, so the graph would replay the layers dropped "
+        "at capture time on every step and silently freeze the masks. Run it eagerly or with "
+        "torch.compile, or capture the untransformed model")
+
+
 #: Attribute holding the CPU bool mask (``True`` = layer dropped). A plain attribute, not a
 #: buffer: ``.to("cuda")`` must leave it on the CPU, where reading it costs no device sync.
 MASK_ATTR = "_ldbfx_mask"
@@ -75,6 +100,11 @@ class LdbGraphModule(fx.GraphModule):
         self._ldbfx_dropped_refs: tuple[tuple[nn.Module, str], ...] = ()
         self._ldbfx_rows: dict = {}  # layer index -> ops.RowSelection (ldbfx.set_frozen_rows)
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
+        # Dense-gradient mode (ldbfx.distributed.dense_gradients): dropped layers report zero
+        # gradients, as DDP's reducer needs. Until the user chooses with that function, the first
+        # forward inside DDP turns it on.
+        self.__dict__["_ldbfx_dense"] = False
+        self.__dict__["_ldbfx_dense_auto"] = True
 
     def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
         """The parameters of layer ``index`` as the model holds them now."""
@@ -89,21 +119,26 @@ class LdbGraphModule(fx.GraphModule):
         return self
 
     def recompile(self):
-        """Regenerates ``forward``; with two graphs it dispatches on ``self.training``."""
+        """Regenerates ``forward``: it dispatches on ``self.training`` when there are two graphs,
+        and switches the model to dense gradients the first time it runs inside DDP."""
         result = super().recompile()
+        cls = type(self)
+        train_forward = cls.forward
         eval_graph = self.__dict__.get("_ldbfx_eval_graph")
-        if eval_graph is not None:
-            cls = type(self)
-            train_forward = cls.forward
-            eval_forward = type(fx.GraphModule(self, eval_graph)).forward
+        eval_forward = train_forward if eval_graph is None else type(fx.GraphModule(self, eval_graph)).forward
 
-            @functools.wraps(train_forward)
-            def forward(self, *args, **kwargs):
-                if self.training:
-                    return train_forward(self, *args, **kwargs)
-                return eval_forward(self, *args, **kwargs)
+        @functools.wraps(train_forward)
+        def forward(self, *args, **kwargs):
+            if not torch.compiler.is_compiling():
+                if self.__dict__["_ldbfx_dense_auto"] and _inside_ddp():
+                    _enable_dense(self)
+                if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                    raise _cuda_graph_capture_error()
+            if self.training:
+                return train_forward(self, *args, **kwargs)
+            return eval_forward(self, *args, **kwargs)
 
-            cls.forward = forward
+        cls.forward = forward
         return result
 
     @property
@@ -119,6 +154,11 @@ class LdbGraphModule(fx.GraphModule):
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
         # Row selections are registered per mask storage; the copy starts with none.
         result._ldbfx_rows = {}
+        if result.__dict__["_ldbfx_dense"]:  # registered per mask storage too
+            from .distributed import dense_gradients
+
+            dense_gradients(result)
+            result.__dict__["_ldbfx_dense_auto"] = self.__dict__["_ldbfx_dense_auto"]
         result.graph = result._graph  # re-owns the graph and regenerates forward
         return result
 

@@ -8,8 +8,9 @@ The drop decision lives in a CPU bool tensor ``mask`` (one entry per layer, ``Tr
   what it computes for a frozen parameter (``requires_grad=False``): no weight gradient, no saved
   activation that only the weight gradient needs, and an output that needs no gradient when
   nothing else feeding the layer does. It is the ideal of toggling ``requires_grad``, per call,
-  without touching the parameter. Kept layers run the untouched op, so their gradients are bitwise
-  those of the original model.
+  without touching the parameter. Kept layers run the untouched op, so all gradients are bitwise
+  those of the original model with the dropped layers' parameters frozen (same kernels, same
+  arguments). In dense mode (DDP) the dropped layers' parameters also get zero gradients.
 * **Compiled** (``torch.compiler.is_compiling()``): the tracer must not specialise on the mask
   (it would recompile whenever the mask changes), so the op runs inside an autograd Function
   whose backward computes the input gradient with ordinary ops and the weight gradient in an
@@ -42,7 +43,6 @@ __all__ = [
 
 _aten = torch.ops.aten
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 _opaque_in_eager = False  # tests and benchmarks run the compiled path's Functions eagerly
@@ -55,13 +55,46 @@ _DENSE: set[int] = set()
 
 
 def _opaque(mask: Tensor, index: int) -> bool:
-    """Whether to run the opaque (compiled-path) Functions: under compile, in ``opaque_path``, or
-    for a dropped layer of a model in dense-gradient mode (its Function returns a zero weight
-    gradient without computing it). Kept layers of a dense model run the plain op, so their
-    gradients are bitwise those of the default path and their backward is the fused native one."""
-    if _opaque_in_eager or torch.compiler.is_compiling():
-        return True
-    return bool(_DENSE) and mask.untyped_storage().data_ptr() in _DENSE and _is_dropped(mask, index)
+    """Whether to run the compiled path's Functions (under compile, or in ``opaque_path``)."""
+    return _opaque_in_eager or torch.compiler.is_compiling()
+
+
+def _dense(mask: Tensor) -> bool:
+    """Whether the model owning ``mask`` is in dense-gradient mode (eager only)."""
+    return bool(_DENSE) and mask.untyped_storage().data_ptr() in _DENSE
+
+
+class _WithZeroGrads(torch.autograd.Function):
+    """Dense mode: ``out`` passes through unchanged and each of ``params`` gets a zero gradient.
+
+    A dropped layer of a model under DDP runs exactly the default eager path (detached
+    parameters: no dW computed, no activation kept for it), then this node gives its parameters
+    the zero gradients DDP's reducer waits for. ``out`` is marked dirty (as an in-place op would
+    be) rather than viewed, so later in-place ops on it (``ReLU(inplace=True)``) work, and the
+    gradient reaching ``out``'s own producer is the very tensor that arrived here: the input
+    gradients, hence every kept layer's gradients, are bitwise those of the default path.
+    """
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.mark_dirty(out)
+        ctx.geometry = [(p.shape, p.stride(), p.dtype, p.device) for p in params]  # no reference kept
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        zeros = tuple(torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+                      for shape, stride, dtype, device in ctx.geometry)
+        return (grad, *zeros)
+
+
+def _dropped_output(out: Tensor, mask: Tensor, *params: Tensor | None) -> Tensor:
+    """The output of a dropped layer's eager op (run on detached ``params``): in dense mode, with
+    zero gradients for ``params`` attached."""
+    if not _dense(mask):
+        return out
+    params = tuple(p for p in params if p is not None and p.requires_grad)
+    return _WithZeroGrads.apply(out, *params) if params else out
 
 
 class opaque_path:
@@ -398,8 +431,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor, index: 
         return F.linear(x, weight, bias)
     if not _opaque(mask, index):
         if _is_dropped(mask, index):
-            weight, bias = weight.detach(), _detach(bias)
-        elif (rows := row_selection(mask, index)) is not None and weight.requires_grad:
+            return _dropped_output(F.linear(x, weight.detach(), _detach(bias)), mask, weight, bias)
+        if (rows := row_selection(mask, index)) is not None and weight.requires_grad:
             x, weight, bias = _autocast(x, weight, bias)
             return _LinearRows.apply(x, weight, bias, rows)
         return F.linear(x, weight, bias)
@@ -412,7 +445,9 @@ def matmul(x: Tensor, weight: Tensor, mask: Tensor, index: int) -> Tensor:
     if not _needs_grad(x, weight) or weight.dim() != 2 or x.dim() < 2:
         return torch.matmul(x, weight)
     if not _opaque(mask, index):
-        return torch.matmul(x, weight.detach() if _is_dropped(mask, index) else weight)
+        if _is_dropped(mask, index):
+            return _dropped_output(torch.matmul(x, weight.detach()), mask, weight)
+        return torch.matmul(x, weight)
     x, weight = _autocast(x, weight)
     return _Linear.apply(x, weight, None, mask, index, True)
 
@@ -449,16 +484,20 @@ class _ConvInputGradOnly(torch.autograd.Function):
     """Eager path of a dropped convolution whose input needs a gradient.
 
     Autograd's own convolution node saves its input even when the weight is frozen. This one keeps
-    only the weight and the input's shape, and computes dX as the transposed convolution of the
-    output gradient: bitwise the same values and FLOPs as ``convolution_backward``'s dX, at the same
-    speed, without an input tensor (a shape-only placeholder made CPU kernels 15-20% slower:
-    they materialise it).
+    only the weight and the input's geometry (shape, strides, dtype, device). Its backward makes the
+    very call autograd makes for a frozen weight, ``convolution_backward(..., output_mask=[True,
+    False, False])``, with an uninitialised stand-in for the input: dX reads the input's geometry
+    (which also picks the kernel), never its values. So the values are bitwise those of freezing the
+    same parameters on any CPU or GPU (same kernel, same arguments), and so are the FLOPs. The
+    stand-in lives only during this backward call. (A stride-0 expanded placeholder made CPU kernels
+    15-20% slower: they materialise it; an ``empty_strided`` one is already in the input's layout.)
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.x_size = x.shape[2:]
+        ctx.x_geometry = (x.shape, x.stride(), x.dtype, x.device)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.save_for_backward(weight)
         return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
@@ -466,13 +505,12 @@ class _ConvInputGradOnly(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        kernel = weight.shape[2:]
-        # output_padding recovers the rows a strided convolution dropped at the far edge.
-        output_padding = [
-            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-            for size, out, s, p, d, k in zip(ctx.x_size, grad.shape[2:], stride, padding, dilation, kernel)
-        ]
-        grad_x = _CONV_T[weight.dim() - 2](grad, weight, None, stride, padding, output_padding, groups, dilation)
+        shape, strides, dtype, device = ctx.x_geometry
+        # requires_grad as autograd's saved input has it: backend selection may look at it.
+        stand_in = torch.empty_strided(shape, strides, dtype=dtype, device=device, requires_grad=True)
+        grad_x = _aten.convolution_backward(
+            grad, stand_in, weight, ctx.bias_sizes, stride, padding, dilation, False, [0] * len(stride),
+            groups, [True, False, False])[0]
         return grad_x, None, None, None, None, None, None
 
 
@@ -500,12 +538,15 @@ def conv(
             x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
             out = _ConvRows.apply(x, weight, bias, stride, padding, dilation, groups, rows)
             return out.squeeze(0) if unbatched else out
+        params = (weight, bias)
         weight, bias = weight.detach(), _detach(bias)
         if not x.requires_grad or x.dim() == n + 1:
-            return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-        # Autocast would cast inside F.conv*d; cast here so dX comes back in x's own dtype.
-        x_cast, weight, bias = _autocast(x, weight, bias)
-        return _ConvInputGradOnly.apply(x_cast, weight, bias, stride, padding, dilation, groups)
+            out = _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+        else:
+            # Autocast would cast inside F.conv*d; cast here so dX comes back in x's own dtype.
+            x_cast, weight, bias = _autocast(x, weight, bias)
+            out = _ConvInputGradOnly.apply(x_cast, weight, bias, stride, padding, dilation, groups)
+        return _dropped_output(out, mask, *params)
     unbatched = x.dim() == n + 1
     if unbatched:  # what F.conv*d does internally for an unbatched input
         x = x.unsqueeze(0)
@@ -552,7 +593,8 @@ def embedding(
         return F.embedding(indices, weight, padding_idx, None, 2.0, scale_grad_by_freq, False)
     if not _opaque(mask, index):
         if _is_dropped(mask, index):
-            weight = weight.detach()
+            out = F.embedding(indices, weight.detach(), padding_idx, None, 2.0, scale_grad_by_freq, False)
+            return _dropped_output(out, mask, weight)
         return F.embedding(indices, weight, padding_idx, None, 2.0, scale_grad_by_freq, False)
     return _Embedding.apply(indices, weight, padding_idx, scale_grad_by_freq, mask, index)
 
@@ -581,7 +623,11 @@ def masked_param(param: Tensor, mask: Tensor, index: int) -> Tensor:
     if not _needs_grad(param):
         return param
     if not _opaque(mask, index):
-        return param.detach() if _is_dropped(mask, index) else param
+        if not _is_dropped(mask, index):
+            return param
+        if _dense(mask):  # marked dirty there: a copy, never an alias (the parameter's version)
+            return _dropped_output(param.detach().clone(), mask, param)
+        return param.detach()
     return _MaskedParam.apply(param, mask, index)
 
 

@@ -144,6 +144,15 @@ def trace_model(
     try:
         model.train()
         train_graph = _trace_one(model, make_tracer(), concrete_args)
+        optional = _dereferenced_optional_inputs(model, train_graph, concrete_args)
+        if optional:
+            # Traced as proxies, these None-default arguments took their "given" branch
+            # (`if mask is not None:` is always true for a proxy), so the graph would fail when
+            # they are left out. Trace them as None, their default: calls that leave them out then
+            # compute what the model computes, and a call that passes one gets FX's clear error.
+            _collect_constants(model, train_graph)
+            concrete_args = {**(concrete_args or {}), **{name: None for name in optional}}
+            train_graph = _trace_one(model, make_tracer(), concrete_args)
         train_constants = _collect_constants(model, train_graph)
         model.eval()
         eval_graph = _trace_one(model, make_tracer(), concrete_args)
@@ -157,6 +166,42 @@ def trace_model(
     ):
         return TracedModel(train_graph, None, train_constants)
     return TracedModel(train_graph, eval_graph, {**train_constants, **eval_constants})
+
+
+def _dereferenced_optional_inputs(model: nn.Module, graph: fx.Graph,
+                                  concrete_args: dict[str, Any] | None) -> list[str]:
+    """Forward arguments defaulting to ``None`` that the graph uses as tensors.
+
+    A placeholder the graph dereferences (a method call on it, an attribute, an operator) can
+    only have come from a branch such as ``if mask is not None: mask.view(...)``, which tracing
+    always takes. timm's Hiera (``forward(x, mask=None)``) is one: before this check its graph
+    failed at the first call without a mask (``'NoneType' object has no attribute 'view'``).
+    An argument that is only passed on to modules or functions (which may accept ``None``) is
+    left a placeholder.
+    """
+    import inspect
+    import operator
+
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    defaults = {name: p.default for name, p in signature.parameters.items()}
+    found = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        if defaults.get(name, inspect.Parameter.empty) is not None or name in (concrete_args or {}):
+            continue
+        for user in node.users:
+            method_on_it = user.op == "call_method" and user.args and user.args[0] is node
+            operator_on_it = user.op == "call_function" and (
+                user.target is getattr or getattr(user.target, "__module__", None) in ("_operator", "operator"))
+            if method_on_it or operator_on_it:
+                found.append(name)
+                break
+    return found
 
 
 def _normalized_code(graph: fx.Graph) -> str:

@@ -74,3 +74,58 @@ def test_train_with_sibling_policies(policy, options, check, tmp_path, capsys):
     rows = json.loads((out / "log.json").read_text())["history"]
     assert len(rows) == 2 and check(rows)
     assert "final test accuracy" in capsys.readouterr().out
+
+
+# Bad input as a new user types it: one line `ldbfx CMD: error: ...` naming the fix, exit 2, no
+# traceback, and nothing loaded or built first (each case is refused before data or a model exist).
+BAD_INPUT = [
+    (["inspect", "not_a_model"], "ldbfx inspect: error: unknown model 'not_a_model'"),
+    (["train", "--model", "not_a_model"], "ldbfx train: error: unknown model 'not_a_model'"),
+    (["train", "--drop-rate", "1.5"], "ldbfx train: error: argument --drop-rate: must be in [0.0, 1.0), got 1.5"),
+    (["train", "--kappa", "0"], "ldbfx train: error: argument --kappa: must be >= 1.0, got 0"),
+    (["train", "--batch-size", "0"], "ldbfx train: error: argument --batch-size: must be >= 1, got 0"),
+    (["train", "--batch-size", "many"], "ldbfx train: error: argument --batch-size: expected an integer"),
+    (["train", "--resume", "/nonexistent/ckpt.pt"], "ldbfx train: error: --resume /nonexistent/ckpt.pt: no such checkpoint"),
+    (["bench", "not_a_model"], "ldbfx bench: error: unknown model 'not_a_model'"),
+    (["train", "--device", "cuda:7"], "ldbfx train: error: --device cuda:7: this machine has"),
+    (["train", "--device", "gpu"], "ldbfx train: error: --device 'gpu' is not a torch device"),
+    (["demo", "--epochs", "0"], "ldbfx demo: error: argument --epochs: must be >= 1, got 0"),
+    (["train", "--data", "cifar10", "--data-dir", "/nonexistent"], "ldbfx train: error: "),
+]
+
+
+def _exit_code(argv) -> int:
+    """main's return value, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("argv, start", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(argv, start, capfd, monkeypatch):
+    import torch
+
+    import ldbfx.train
+
+    if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built or data loaded before the input was checked")
+
+    monkeypatch.setattr(ldbfx.train, "build_model", refuse)
+    if "--data" not in argv:  # the dataset check is the loader's own
+        monkeypatch.setattr(ldbfx.train.datasets, "load", refuse)
+    assert _exit_code(argv) == 2
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), err
+    assert "Traceback" not in err and out == ""
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    run = subprocess.run([sys.executable, "-m", "ldbfx", "train", "--model", "not_a_model"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("ldbfx train: error: unknown model") and "Traceback" not in run.stderr

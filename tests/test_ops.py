@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contract import saved_bytes
 from ldbfx import ops
 
 
@@ -91,19 +92,6 @@ def test_no_grad_runs_the_plain_op():
     assert y.grad_fn is None and torch.equal(y, F.linear(x, w, b))
 
 
-def _saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_dropped_layer_does_not_keep_its_input_alive():
     # A stack of convs: when the middle ones are dropped, their inputs (needed only for dW) are
     # not saved for backward; the first conv's input is saved by nobody in either case.
@@ -116,8 +104,8 @@ def test_dropped_layer_does_not_keep_its_input_alive():
             h = ops.conv(h, wi, None, (1, 1), (1, 1), (1, 1), 1, mask, i)
         return h
 
-    kept = _saved_bytes(lambda: net(_mask(4)))
-    dropped = _saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
+    kept = saved_bytes(lambda: net(_mask(4)))
+    dropped = saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
     activation = x.numel() * x.element_size()
     assert kept - dropped == 2 * activation
 
@@ -132,6 +120,6 @@ def test_dropped_linear_does_not_keep_its_input_alive():
             h = ops.linear(h, wi, None, mask, i)
         return h
 
-    kept = _saved_bytes(lambda: net(_mask(4)))
-    dropped = _saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
+    kept = saved_bytes(lambda: net(_mask(4)))
+    dropped = saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
     assert kept - dropped == 2 * x.numel() * x.element_size()

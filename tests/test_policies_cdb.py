@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from contract import backward_flops
+from contract import assert_close_to_scale, backward_flops
 from torch import nn
 
 import ldbfx
@@ -40,16 +40,18 @@ def test_kept_slices_get_full_gradients_and_frozen_ones_none(dim, opaque):
     with path(opaque):
         out = gm(x)
     out.square().sum().backward()
-    torch.testing.assert_close(x.grad, full_x)
+    # The selected layers compute dX and dW in separate calls (other kernels than the full
+    # backward's fused one): compared on each tensor's scale.
+    assert_close_to_scale(x.grad, full_x, what="x")
     for name, p in model.named_parameters():
         layer, kind = name.split(".")
         d = 0 if kind == "bias" else dim
         if layer not in frozen or (kind == "bias" and dim == 1):
-            torch.testing.assert_close(p.grad, full[name])
+            assert_close_to_scale(p.grad, full[name], what=name)
             continue
         rows = torch.tensor(frozen[layer])
         kept = torch.tensor([i for i in range(p.shape[d]) if i not in frozen[layer]])
-        torch.testing.assert_close(p.grad.index_select(d, kept), full[name].index_select(d, kept))
+        assert_close_to_scale(p.grad.index_select(d, kept), full[name].index_select(d, kept), what=name)
         assert p.grad.index_select(d, rows).abs().max() == 0
 
 
@@ -216,7 +218,7 @@ def test_rescale_scales_kept_gradients():
     opt.step()
     hook.remove()
     kept = [i for i in range(16) if i not in rows]
-    torch.testing.assert_close(captured["g"][kept], expected[kept])
+    assert_close_to_scale(captured["g"][kept], expected[kept], what="rescaled gradient")
     policy.remove()
 
 

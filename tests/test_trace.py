@@ -116,3 +116,51 @@ def test_mixed_submodule_modes_are_kept():
     model[1].eval()  # a frozen-BN fine-tuning setup
     gm = ldbfx.transform(model, keep_first=0)
     assert gm.training and not gm.get_submodule("1").training
+
+
+class _OptionalMask(nn.Module):
+    """Hiera's pattern (timm ``hiera_tiny_224``): an optional tensor argument dereferenced
+    behind ``if mask is not None``, which tracing with a proxy always enters."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=1) for _ in range(5)])
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1, 1, 1).to(x.dtype)
+        return self.fc(self.convs(x).flatten(1))
+
+
+class _PassThroughMask(nn.Module):
+    """An optional argument only handed on to a module that accepts None: stays an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(8, 8) for _ in range(5)])
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x, key_padding_mask=None):
+        x = self.layers(x)
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+def test_optional_argument_dereferenced_behind_a_none_check_is_traced_as_none():
+    model = _OptionalMask()
+    gm = ldbfx.transform(model)
+    x = torch.randn(2, 3, 4, 4)
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        assert torch.equal(gm(x), model(x))  # before: AttributeError, 'NoneType' has no 'view'
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        gm(x, torch.ones(2))  # passing it is refused, never silently ignored
+
+
+def test_optional_argument_passed_on_stays_an_input():
+    model = _PassThroughMask()
+    gm = ldbfx.transform(model)
+    x, padding = torch.randn(2, 5, 8), torch.tensor([[False] * 4 + [True]] * 2)
+    model.eval(), gm.eval()
+    assert torch.equal(gm(x), model(x))
+    assert torch.equal(gm(x, padding), model(x, padding))

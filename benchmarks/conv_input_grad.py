@@ -1,0 +1,106 @@
+"""Dropped convolution, eager: dX via autograd's own call with a stand-in input (what ships) vs the
+transposed convolution (the previous version) vs freezing the weight (the reference).
+
+Each variant runs forward + backward of one convolution whose weight is frozen/dropped and whose
+input needs a gradient. Interleaved rounds in rotated order, minimum kept (interference only adds
+time). The shipped path makes the same aten calls as freezing (see the profile in docs/benchmarks.md).
+
+    python benchmarks/conv_input_grad.py --rounds 15 --out benchmarks/results/DATE-cpu-conv-input-grad.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ldbfx import ops
+from ldbfx.bench import run_meta
+
+SHAPES = {  # name: (batch, in, out, size, kernel, stride, groups)
+    "3x3 64->64 @28": (8, 64, 64, 28, 3, 1, 1),
+    "3x3 s2 128->256 @28": (8, 128, 256, 28, 3, 2, 1),
+    "1x1 256->64 @14": (8, 256, 64, 14, 1, 1, 1),
+    "3x3 depthwise 128 @28": (8, 128, 128, 28, 3, 1, 128),
+    "3x3 grouped g32 256 @14": (8, 256, 256, 14, 3, 1, 32),
+}
+
+
+class _TransposedInputGrad(torch.autograd.Function):
+    """The previous eager path: dX as the transposed convolution of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):
+        ctx.conv, ctx.x_size = (stride, padding, dilation, groups), x.shape[2:]
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        output_padding = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k
+                          in zip(ctx.x_size, grad.shape[2:], stride, padding, dilation, weight.shape[2:])]
+        grad_x = F.conv_transpose2d(grad, weight, None, stride, padding, output_padding, groups, dilation)
+        return grad_x, None, None, None, None, None
+
+
+def variants(x, w, stride, groups):
+    pad, dil = (w.shape[-1] // 2,) * 2, (1, 1)
+    mask = torch.ones(1, dtype=torch.bool)
+
+    def frozen():
+        xi = x.detach().requires_grad_()
+        F.conv2d(xi, w.detach(), None, stride, pad, dil, groups).sum().backward()
+        return xi.grad
+
+    def shipped():
+        xi = x.detach().requires_grad_()
+        ops.conv(xi, w, None, stride, pad, dil, groups, mask, 0).sum().backward()
+        return xi.grad
+
+    def transposed():
+        xi = x.detach().requires_grad_()
+        _TransposedInputGrad.apply(xi, w.detach(), stride, pad, dil, groups).sum().backward()
+        return xi.grad
+
+    return {"frozen": frozen, "stand-in (shipped)": shipped, "conv_transpose (before)": transposed}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for name, (n, cin, cout, size, k, s, g) in SHAPES.items():
+        torch.manual_seed(0)
+        x = torch.randn(n, cin, size, size)
+        w = torch.randn(cout, cin // g, k, k, requires_grad=True)
+        fns = variants(x, w, (s, s), g)
+        ref = fns["frozen"]()
+        equal = {label: bool(torch.equal(fn(), ref)) for label, fn in fns.items()}
+        best = {label: float("inf") for label in fns}
+        labels = list(fns)
+        for r in range(args.rounds):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:  # rotated: no fixed order
+                fn = fns[label]
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    fn()
+                best[label] = min(best[label], (time.perf_counter() - start) / args.steps)
+        row = {"shape": name, "ms": {k: v * 1e3 for k, v in best.items()}, "bitwise_equal_to_frozen": equal}
+        rows.append(row)
+        print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:7.2f} ms{'' if equal[k] else ' (differs)'}"
+                                          for k, v in best.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": run_meta("cpu"), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
