@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from . import data as datasets
-from .distributed import dense_gradients, skip_dropped_allreduce
+from .distributed import skip_dropped_allreduce
 from .errors import LdbfxError
 from .inspect import weight_grad_flops
 from .layers import layers as _layers
@@ -222,6 +222,8 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(config.device.split(":")[0], enabled=config.amp == "fp16")
     policy = None
     flops = None
     result = RunResult(asdict(config))
@@ -247,6 +249,8 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         if policy is not None:
             policy.load_state_dict(state["policy"])
         result.history = state["history"]
@@ -257,8 +261,6 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     if world.size > 1 and cached_forward:
         raise LdbfxError("Learn&Drop's feature cache trains the head outside DistributedDataParallel: "
                          "run torchrun jobs without --cache")
-    if world.size > 1 and policy is not None:
-        dense_gradients(net)  # every parameter gets a gradient, as DDP's reducer expects
     wrapped = trainable = comm = compiled = compiled_for = None
     for epoch in range(start_epoch, config.epochs):
         if policy is not None:
@@ -293,8 +295,11 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             with _autocast(config):
                 logits = policy.forward(x, indices) if cached_forward else step_fn(x)
                 loss = F.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
+            # With fp16: scaled backward; scaler.step unscales, then skips the step on inf/NaN.
+            # ldbfx's optimizer hook runs inside optimizer.step, so dropped layers stay untouched.
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if policy is not None:
                 policy.step()
@@ -335,7 +340,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             os.makedirs(os.path.dirname(os.path.abspath(config.checkpoint)), exist_ok=True)
             torch.save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "policy": policy.state_dict() if policy is not None else None,
                 "epoch": epoch, "history": result.history, "config": asdict(config),
                 "torch_rng": torch.get_rng_state(),

@@ -52,3 +52,37 @@ def test_autocast_bf16(name, channels_last, path):
         else:
             assert g is not None and g.dtype == want[n].dtype
             _bf16_close(g, want[n])
+
+
+def test_fp16_grad_scaler_leaves_dropped_layers_untouched_and_skips_inf_steps():
+    # GradScaler.step unscales, then calls optimizer.step (where ldbfx's hook clears the dropped
+    # layers' gradients) or skips it on inf/NaN: either way dropped layers and their state stay.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)])
+    gm = ldbfx.transform(model)
+    ldbfx.distributed.dense_gradients(gm)  # zeros instead of None: the hook must clear them
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x = torch.randn(4, 8)
+
+    def step(dropped, poison=False):
+        ldbfx.set_dropped(gm, dropped)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = gm(x).float().square().mean()
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=False)  # leaves zeros: the hook, not None, protects the layers
+
+    step([])  # momentum buffers exist from here on
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    step(["5"])
+    for p, b, m in zip(model.parameters(), before, momentum):
+        untouched = torch.equal(p, b) and torch.equal(opt.state[p]["momentum_buffer"], m)
+        assert untouched == (p is model[5].weight or p is model[5].bias)
+    scale = scaler.get_scale()
+    before = [p.detach().clone() for p in model.parameters()]
+    step([], poison=True)  # inf: the step is skipped, the scale backs off
+    assert scaler.get_scale() < scale
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -88,3 +88,13 @@ def test_channel_dropback_and_learn_and_drop_runs():
     frozen = [r["frozen_layers"] for r in lnd.history]
     assert frozen[0] == 0 and frozen == sorted(frozen)  # never reinstated
     assert all(r["test_acc"] >= 0 for r in lnd.history)
+
+
+def test_fp16_trains_with_a_grad_scaler(tmp_path):
+    checkpoint = tmp_path / "ckpt.pt"
+    result = train(replace(TINY, policy="ldb", period=1, amp="fp16", epochs=2, checkpoint=str(checkpoint)))
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.history)
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["scaler"]["scale"] > 0  # saved for resume
+    resumed = train(replace(TINY, policy="ldb", period=1, amp="fp16", epochs=3, resume=str(checkpoint)))
+    assert len(resumed.history) == 3
