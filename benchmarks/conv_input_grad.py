@@ -5,7 +5,8 @@ Each variant runs forward + backward of one convolution whose weight is frozen/d
 input needs a gradient. Interleaved rounds in rotated order, minimum kept (interference only adds
 time). The shipped path makes the same aten calls as freezing (see the profile in docs/benchmarks.md).
 
-    python benchmarks/conv_input_grad.py --rounds 15 --out benchmarks/results/DATE-cpu-conv-input-grad.json
+    python benchmarks/conv_input_grad.py --rounds 15 --models resnet18 resnet50 \
+        --out benchmarks/results/DATE-cpu-conv-input-grad.json
 """
 
 from __future__ import annotations
@@ -70,10 +71,87 @@ def variants(x, w, stride, groups):
     return {"frozen": frozen, "stand-in (shipped)": shipped, "conv_transpose (before)": transposed}
 
 
+class _TransposedConv(torch.autograd.Function):
+    """The previous ``ops.convs._ConvInputGradOnly``, with the transposed-convolution dX."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv, ctx.x_size = (stride, padding, dilation, groups), x.shape[2:]
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _TransposedInputGrad.backward(ctx, grad)[0], None, None, None, None, None, None
+
+
+def model_rows(names, rounds, resolution=64, batch=16):
+    """Whole eager steps (LDB, every other eligible layer dropped) with each dX implementation,
+    and freezing the same layers, interleaved in one process."""
+    import torchvision
+
+    import ldbfx
+    from ldbfx.ops import convs
+
+    shipped = convs._ConvInputGradOnly
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name)
+        gm = ldbfx.transform(model)
+        x = torch.randn(batch, 3, resolution, resolution)
+        drop = [l for i, l in enumerate(l for l in ldbfx.layers(gm) if l.eligible) if i % 2 == 0]
+        frozen = [p for n, p in model.named_parameters() if n in {q for l in drop for q in l.params}]
+
+        def ldb_step(cls):
+            def step():
+                convs._ConvInputGradOnly = cls
+                ldbfx.set_dropped(gm, drop)
+                model.zero_grad(set_to_none=True)
+                gm(x).square().mean().backward()
+            return step
+
+        def frozen_step():
+            for p in frozen:
+                p.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            for p in frozen:
+                p.requires_grad_(True)
+
+        fns = {"frozen": frozen_step, "stand-in (shipped)": ldb_step(shipped),
+               "conv_transpose (before)": ldb_step(_TransposedConv)}
+        try:
+            best = _best_of(fns, rounds, steps=2)
+        finally:
+            convs._ConvInputGradOnly = shipped
+        rows.append({"model": name, "resolution": resolution, "batch": batch, "ms": best})
+        print(f"{name} @ {resolution} px, batch {batch}: " + "  ".join(f"{k} {v:7.1f} ms" for k, v in best.items()),
+              flush=True)
+    return rows
+
+
+def _best_of(fns, rounds, steps):
+    """Minimum time per call (ms) over ``rounds`` rounds in rotated order."""
+    best = {label: float("inf") for label in fns}
+    labels = list(fns)
+    for fn in fns.values():  # warm-up
+        fn()
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            start = time.perf_counter()
+            for _ in range(steps):
+                fns[label]()
+            best[label] = min(best[label], (time.perf_counter() - start) / steps * 1e3)
+    return best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=["resnet18", "resnet50"],
+                        help="torchvision models for the whole-step comparison")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     rows = []
@@ -84,22 +162,15 @@ def main():
         fns = variants(x, w, (s, s), g)
         ref = fns["frozen"]()
         equal = {label: bool(torch.equal(fn(), ref)) for label, fn in fns.items()}
-        best = {label: float("inf") for label in fns}
-        labels = list(fns)
-        for r in range(args.rounds):
-            for label in labels[r % len(labels):] + labels[:r % len(labels)]:  # rotated: no fixed order
-                fn = fns[label]
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    fn()
-                best[label] = min(best[label], (time.perf_counter() - start) / args.steps)
-        row = {"shape": name, "ms": {k: v * 1e3 for k, v in best.items()}, "bitwise_equal_to_frozen": equal}
+        best = _best_of(fns, args.rounds, args.steps)
+        row = {"shape": name, "ms": best, "bitwise_equal_to_frozen": equal}
         rows.append(row)
-        print(f"{name:26s} " + "  ".join(f"{k} {v * 1e3:7.2f} ms{'' if equal[k] else ' (differs)'}"
+        print(f"{name:26s} " + "  ".join(f"{k} {v:7.2f} ms{'' if equal[k] else ' (differs)'}"
                                           for k, v in best.items()), flush=True)
+    models = model_rows(args.models, args.rounds) if args.models else []
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": run_meta("cpu"), "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta("cpu"), "rows": rows, "model_rows": models}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,15 +37,13 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from . import ops
 from .errors import LdbfxError
 from .mask import _check
-from .module import MASK_ATTR, LdbGraphModule
+from .module import LdbGraphModule
 
 __all__ = ["dense_gradients", "check_masks", "broadcast_seed", "skip_dropped_allreduce", "AllReduceStats"]
 
@@ -60,16 +58,7 @@ def dense_gradients(gm, enabled: bool = True) -> None:
         gm: a module returned by :func:`ldbfx.transform`.
         enabled: ``False`` restores the default (``None`` gradients in eager mode), for good.
     """
-    mask = _check(gm).__dict__[MASK_ATTR]
-    key = mask.untyped_storage().data_ptr()
-    gm.__dict__["_ldbfx_dense"] = enabled
-    gm.__dict__["_ldbfx_dense_auto"] = False  # the user's choice: forward under DDP keeps it
-    if enabled:
-        ops._DENSE.add(key)
-        # Forget the address with the model: a later model's mask may be allocated there.
-        weakref.finalize(mask, ops._DENSE.discard, key)
-    else:
-        ops._DENSE.discard(key)
+    _check(gm).ldbfx_state.set_dense(enabled, explicit=True)
 
 
 def _collective_device(group) -> torch.device:
@@ -101,7 +90,7 @@ def check_masks(gm, group=None) -> None:
     Call it in debug runs after the policy's draw; a divergent mask means the ranks were not given
     the same policy ``seed`` (their weights would silently drift apart).
     """
-    mask = _check(gm).__dict__[MASK_ATTR]
+    mask = _check(gm).ldbfx_state.mask
     local = mask.to(device=_collective_device(group), dtype=torch.uint8)
     gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(gathered, local, group=group)
@@ -126,7 +115,7 @@ class _SkipDropped:
     """The hook's state: the mask, a layer index per parameter, and a layout per bucket."""
 
     def __init__(self, gm, group):
-        self.mask = gm.__dict__[MASK_ATTR]
+        self.mask = gm.ldbfx_state.mask
         self.group = group if group is not None else torch.distributed.group.WORLD
         self.stats = AllReduceStats()
         self._layer_of = {id(p): i for i in range(len(gm.ldbfx_layers)) for p in gm._ldbfx_params(i)}
@@ -224,9 +213,10 @@ def skip_dropped_allreduce(ddp, group=None) -> AllReduceStats:
         raise LdbfxError(
             f"skip_dropped_allreduce needs DDP around a module from ldbfx.transform, got "
             f"{type(gm).__name__}: wrap gm = ldbfx.transform(model) as DistributedDataParallel(gm)")
-    if gm.__dict__["_ldbfx_dense_auto"]:
-        dense_gradients(gm)  # what the first forward under DDP would do
-    if not gm.__dict__["_ldbfx_dense"]:
+    ldb = gm.ldbfx_state
+    if ldb.dense_auto:
+        ldb.set_dense(True, explicit=True)  # what the first forward under DDP would do
+    if not ldb.dense:
         raise LdbfxError(
             "skip_dropped_allreduce needs dense gradients (DDP waits for every gradient), but they "
             "were turned off with dense_gradients(gm, enabled=False): turn them back on")

@@ -68,6 +68,10 @@ def register_function_handler(function: Any, handler: Handler) -> None:
 
 
 def module_handler(node: fx.Node, module: nn.Module, root: nn.Module) -> Handler | None:
+    if has_hooks(module):
+        # Its hooks must run (weight_norm's old pre-hook computes the weight): call the module
+        # itself, with gated parameters. Correct, but without savings.
+        return GENERIC_MODULE
     for module_type, handler in _MODULE_HANDLERS:
         if isinstance(module, module_type) and handler.match(node, module, root):
             return handler
@@ -89,6 +93,12 @@ def function_handler(node: fx.Node, root: nn.Module) -> Handler | None:
 # ---------------------------------------------------------------------------------------------
 # Argument helpers
 # ---------------------------------------------------------------------------------------------
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks or backward hooks of its own."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _bind_module(node: fx.Node, module: nn.Module) -> dict[str, Any]:
     return dict(inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments)
 

@@ -4,9 +4,14 @@
 recompiled. It also makes ``optimizer.step()`` leave dropped layers untouched (LayerDropBack eq. 3,
 ``w' = w + Δw · I(l ∈ S)``): torch.optim skips a parameter whose ``.grad`` is ``None``, which is
 what an eager backward leaves for a dropped layer. A compiled backward yields zeros instead (an
-opaque kernel cannot return "no gradient"), and ``zero_grad(set_to_none=False)`` leaves zeros too;
-so ldbfx registers one global optimizer step pre-hook that sets the dropped parameters' ``.grad``
-to ``None`` right before any optimizer steps. Its cost is one loop over the *dropped* parameters.
+opaque kernel cannot return "no gradient"), dense mode (DDP) too, and
+``zero_grad(set_to_none=False)`` leaves zeros; so ldbfx registers one global optimizer step
+pre-hook that sets ``.grad`` to ``None`` right before any optimizer steps, for the layers whose
+weight gradient a backward *skipped* since the last step. That record is taken where the mask is
+read: by the eager forward, or by the compiled backward's kernels. So changing the mask between
+``backward()`` and ``optimizer.step()`` is safe in every path: the step skips what the backward
+skipped. (Between forward and backward, eager follows the forward's mask and compiled the
+backward's: change masks between steps.) Its cost is one loop over the skipped parameters.
 
 Gradient accumulation: change the mask only between optimizer steps (the policies do). A layer
 dropped during any micro-batch of an accumulation window gets no update for the whole window.
@@ -24,20 +29,32 @@ from torch.optim.optimizer import (
 )
 
 from . import ops
+from . import state as _state
 from .errors import LayerNotFoundError, LdbfxError
 from .layers import Layer
-from .module import MASK_ATTR, LdbGraphModule
+from .module import LdbGraphModule
+from .state import LdbState, RowSelection
 
 __all__ = ["set_dropped", "dropped", "set_frozen_rows", "frozen_rows"]
 
-_WITH_DROPPED: weakref.WeakSet[LdbGraphModule] = weakref.WeakSet()
 _hook_handle = None
 
 
-def _clear_dropped_grads(optimizer, args, kwargs) -> None:
-    for gm in _WITH_DROPPED:
-        for module, name in gm._ldbfx_dropped_refs:
-            module._parameters[name].grad = None
+def _optimizer_params(optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _clear_skipped_grads(optimizer, args, kwargs) -> None:
+    # Before any optimizer steps: the layers whose weight gradient a backward skipped since the
+    # last step get .grad = None, so the optimizer leaves them and their state alone. Which
+    # layers is what the backward did (recorded when the mask was read), not what the mask says
+    # now: changing the mask between backward and step changes nothing for this step.
+    active = [s for s in _state._ACTIVE if s.skipped]
+    if not active:
+        return
+    held = _optimizer_params(optimizer)
+    for state in active:
+        state.clear_skipped_grads(held)
 
 
 def _check(gm: object) -> LdbGraphModule:
@@ -98,40 +115,30 @@ def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None
     gm = _check(gm)
     if isinstance(layers, (str, int, Layer)):
         layers = [layers]
-    indices = sorted({_index(gm, layer) for layer in layers})
-    mask = gm.__dict__[MASK_ATTR]
-    mask.zero_()
-    if indices:
-        mask[indices] = True
-    gm._ldbfx_dropped_refs = tuple(ref for i in indices for ref in gm._ldbfx_param_refs[i])
-    if indices:
-        _WITH_DROPPED.add(gm)
-        if _hook_handle is None:
-            _hook_handle = register_optimizer_step_pre_hook(_clear_dropped_grads)
-    else:
-        _WITH_DROPPED.discard(gm)
+    indices = tuple(sorted({_index(gm, layer) for layer in layers}))
+    gm.ldbfx_state.set_dropped(indices)
+    if indices and _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_clear_skipped_grads)
 
 
 def dropped(gm: LdbGraphModule) -> tuple[str, ...]:
     """Names of the layers currently dropped, in topological order."""
     gm = _check(gm)
-    mask = gm.__dict__[MASK_ATTR]
-    return tuple(gm.ldbfx_layers[i].name for i in mask.nonzero().flatten().tolist())
+    return tuple(gm.ldbfx_layers[i].name for i in gm.ldbfx_state.dropped)
 
 
 # ------------------------------------------------------------------------------------------------
 # Row-level freezing (ChannelDropBack): some output rows / input columns of a layer get no update.
 # ------------------------------------------------------------------------------------------------
 _ROW_KINDS = ("linear", "conv")
-_WITH_ROWS: weakref.WeakSet[LdbGraphModule] = weakref.WeakSet()
 _row_hooks = None
-_saved_rows: dict[int, list] = {}  # id(optimizer) -> what the pre-hook saved for the post-hook
+_saved_rows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> saved slices
 
 
-def _frozen_slices(gm: LdbGraphModule):
-    """``(param, dim, frozen indices)`` for every frozen slice of ``gm``."""
-    for index, rows in gm._ldbfx_rows.items():
-        weight, bias = _row_params(gm, index)
+def _frozen_slices(state: LdbState):
+    """``(param, dim, frozen indices)`` for every frozen slice of the model of ``state``."""
+    for index, rows in state.rows.items():
+        weight, bias = _row_params(state, index)
         yield weight, rows.dim, rows.frozen
         if bias is not None and rows.dim == 0:
             yield bias, 0, rows.frozen
@@ -141,18 +148,18 @@ def _save_frozen_rows(optimizer, args, kwargs) -> None:
     # Saving and restoring the frozen slices makes the update rule exact for any optimizer:
     # weight decay, momentum and Adam's moments leave them bit-for-bit unchanged.
     saved = []
-    for gm in _WITH_ROWS:
-        for param, dim, frozen in _frozen_slices(gm):
+    for state in [s for s in _state._ACTIVE if s.rows and s.rows_exact]:
+        for param, dim, frozen in _frozen_slices(state):
             state = optimizer.state.get(param, {})
             buffers = {k: v.index_select(dim, frozen) for k, v in state.items()
                        if isinstance(v, torch.Tensor) and v.shape == param.shape}
             saved.append((param, dim, frozen, param.detach().index_select(dim, frozen), buffers))
-    _saved_rows[id(optimizer)] = saved
+    _saved_rows[optimizer] = saved
 
 
 def _restore_frozen_rows(optimizer, args, kwargs) -> None:
     with torch.no_grad():
-        for param, dim, frozen, values, buffers in _saved_rows.pop(id(optimizer), ()):
+        for param, dim, frozen, values, buffers in _saved_rows.pop(optimizer, ()):
             param.index_copy_(dim, frozen, values)
             for key, state in optimizer.state.get(param, {}).items():
                 if not (isinstance(state, torch.Tensor) and state.shape == param.shape):
@@ -189,8 +196,8 @@ def _refuse_sharded(param: torch.Tensor, what: str) -> None:
                              "use DistributedDataParallel with ldbfx.distributed.dense_gradients(gm)")
 
 
-def _row_params(gm: LdbGraphModule, index: int):
-    params = gm._ldbfx_params(index)
+def _row_params(state: LdbState, index: int):
+    params = state.params(index)
     weight = next(p for p in params if p.dim() >= 2)
     bias = next((p for p in params if p.dim() == 1 and p.shape[0] == weight.shape[0]), None)
     return weight, bias
@@ -233,7 +240,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
     table = {}
     for layer, frozen in rows.items():
         index = _row_layer(gm, layer)
-        weight, _ = _row_params(gm, index)
+        weight, _ = _row_params(gm.ldbfx_state, index)
         _refuse_sharded(weight, "set_frozen_rows (ChannelDropBack)")
         size = weight.shape[dim]
         frozen = torch.as_tensor(frozen)
@@ -248,19 +255,16 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
             continue
         keep = torch.ones(size, dtype=torch.bool)
         keep[frozen] = False
-        table[index] = ops.RowSelection(dim, keep.nonzero().flatten().to(weight.device), frozen.to(weight.device))
-    gm._ldbfx_rows = table
-    ops.register_rows(gm.__dict__[MASK_ATTR], table)
-    if table and exact:
-        _WITH_ROWS.add(gm)
-        if _row_hooks is None:
-            _row_hooks = (register_optimizer_step_pre_hook(_save_frozen_rows),
-                          register_optimizer_step_post_hook(_restore_frozen_rows))
-    else:
-        _WITH_ROWS.discard(gm)
+        table[index] = RowSelection(dim, keep.nonzero().flatten().to(weight.device), frozen.to(weight.device))
+    if table:
+        ops.rows_in_use()
+    gm.ldbfx_state.set_rows(table, exact)
+    if table and exact and _row_hooks is None:
+        _row_hooks = (register_optimizer_step_pre_hook(_save_frozen_rows),
+                      register_optimizer_step_post_hook(_restore_frozen_rows))
 
 
 def frozen_rows(gm: LdbGraphModule) -> dict[str, list[int]]:
     """Layer name -> frozen indices (along the ``dim`` of the last :func:`set_frozen_rows`)."""
     gm = _check(gm)
-    return {gm.ldbfx_layers[i].name: rows.frozen.tolist() for i, rows in gm._ldbfx_rows.items()}
+    return {gm.ldbfx_layers[i].name: rows.frozen.tolist() for i, rows in gm.ldbfx_state.rows.items()}

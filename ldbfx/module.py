@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from .state import LdbState
+
 if TYPE_CHECKING:
     from .layers import Layer
     from .rewrite import TransformConfig
@@ -22,12 +24,6 @@ def _inside_ddp() -> bool:
     the duration of its ``module(...)`` call, for Dynamo's DDP optimizer). One attribute read.
     FSDP2 and single-process runs never set it."""
     return torch.nn.parallel.DistributedDataParallel._active_ddp_module is not None
-
-
-def _enable_dense(gm: LdbGraphModule) -> None:
-    from .distributed import dense_gradients
-
-    dense_gradients(gm)
 
 
 def _cuda_graph_capture_error() -> Exception:
@@ -66,7 +62,11 @@ class LdbGraphModule(fx.GraphModule):
     def __init__(self, model: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None,
                  constants: dict[str, torch.Tensor], layers: tuple[Layer, ...],
                  edges: tuple[tuple[int, int], ...], config: TransformConfig):
-        mask = torch.zeros(len(layers), dtype=torch.bool)
+        # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
+        # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
+        # must find the parameters the optimizer holds now, not those seen at transform time.
+        state = LdbState(tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers))
+        mask = state.mask
         lookup = {**constants, MASK_ATTR: mask}
         targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
                    if n.op in ("get_attr", "call_module")}
@@ -88,27 +88,18 @@ class LdbGraphModule(fx.GraphModule):
         for name, value in constants.items():  # moved by .to(), absent from state_dict
             self.register_buffer(name, value, persistent=False)
         self.training = model.training  # not .train(): children keep their own (maybe mixed) modes
-        self.__dict__[MASK_ATTR] = mask
+        self.__dict__[MASK_ATTR] = mask  # what the graph's get_attr reads: the state's mask
+        #: The run-time state (mask, skipped layers, rows, dense mode): :class:`ldbfx.state.LdbState`.
+        self.__dict__["ldbfx_state"] = state
         self.ldbfx_layers = layers
         self.ldbfx_edges = edges
         self.ldbfx_config = config
-        # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
-        # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
-        # must find the parameters the optimizer holds now, not those seen at transform time.
-        self._ldbfx_param_refs = tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers)
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
-        self._ldbfx_dropped_refs: tuple[tuple[nn.Module, str], ...] = ()
-        self._ldbfx_rows: dict = {}  # layer index -> ops.RowSelection (ldbfx.set_frozen_rows)
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
-        # Dense-gradient mode (ldbfx.distributed.dense_gradients): dropped layers report zero
-        # gradients, as DDP's reducer needs. Until the user chooses with that function, the first
-        # forward inside DDP turns it on.
-        self.__dict__["_ldbfx_dense"] = False
-        self.__dict__["_ldbfx_dense_auto"] = True
 
     def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
         """The parameters of layer ``index`` as the model holds them now."""
-        return tuple(module._parameters[name] for module, name in self._ldbfx_param_refs[index])
+        return self.__dict__["ldbfx_state"].params(index)
 
     def train(self, mode: bool = True):
         """Sets the training mode, except for modules pinned in eval mode (Learn&Drop's frozen
@@ -129,11 +120,14 @@ class LdbGraphModule(fx.GraphModule):
 
         @functools.wraps(train_forward)
         def forward(self, *args, **kwargs):
-            if not torch.compiler.is_compiling():
-                if self.__dict__["_ldbfx_dense_auto"] and _inside_ddp():
-                    _enable_dense(self)
+            if not torch.compiler.is_compiling():  # compiled: the backward records what it skips
+                state = self.__dict__["ldbfx_state"]
+                if state.dense_auto and _inside_ddp():
+                    state.set_dense(True, explicit=True)  # for good: the model runs under DDP
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                     raise _cuda_graph_capture_error()
+                if torch.is_grad_enabled():  # eager ops read the mask now
+                    state.record_forward()
             if self.training:
                 return train_forward(self, *args, **kwargs)
             return eval_forward(self, *args, **kwargs)
@@ -151,14 +145,11 @@ class LdbGraphModule(fx.GraphModule):
         # GraphModule.__deepcopy__ re-runs __init__ with its own signature; copy our state instead.
         result = type(self).__new__(type(self))
         memo[id(self)] = result
+        # The state first: its copy brings a new mask (with its own id), which the graph's
+        # get_attr must read in the copy, not a second copy of the old mask.
+        state = copy.deepcopy(self.__dict__["ldbfx_state"], memo)
+        memo[id(self.__dict__[MASK_ATTR])] = state.mask
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        # Row selections are registered per mask storage; the copy starts with none.
-        result._ldbfx_rows = {}
-        if result.__dict__["_ldbfx_dense"]:  # registered per mask storage too
-            from .distributed import dense_gradients
-
-            dense_gradients(result)
-            result.__dict__["_ldbfx_dense_auto"] = self.__dict__["_ldbfx_dense_auto"]
         result.graph = result._graph  # re-owns the graph and regenerates forward
         return result
 

@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .handlers import has_hooks
 
 __all__ = ["LdbfxTracer", "TracedModel", "trace_model"]
 
@@ -82,9 +83,44 @@ class TracedModel:
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class _CheckpointCalled(Exception):
+    """Raised while tracing when ``forward`` calls ``torch.utils.checkpoint``."""
+
+
+def _refuse_checkpoint(*args, **kwargs):
+    raise _CheckpointCalled
+
+
+class _no_checkpoint:
+    """While tracing, ``torch.utils.checkpoint.checkpoint`` (and ``checkpoint_sequential``, which
+    calls it) raises: tracing would inline the checkpointed function and silently keep all of its
+    activations. ``checkpoint`` looks its implementation up in its own module, so patching that
+    one name catches every import style (``from torch.utils.checkpoint import checkpoint``)."""
+
+    def __enter__(self):
+        import torch.utils.checkpoint as ckpt
+
+        self._module, self._impl = ckpt, ckpt._checkpoint_impl
+        ckpt._checkpoint_impl = _refuse_checkpoint
+
+    def __exit__(self, *exc):
+        self._module._checkpoint_impl = self._impl
+
+
 def _trace_one(model: nn.Module, tracer: fx.Tracer, concrete_args: dict[str, Any] | None) -> fx.Graph:
     try:
-        return tracer.trace(model, concrete_args=concrete_args)
+        with _no_checkpoint():
+            return tracer.trace(model, concrete_args=concrete_args)
+    except _CheckpointCalled:
+        where = getattr(tracer, "failed_module", None)
+        location = f"module '{where[0]}' ({where[1]})" if where and where[0] else f"{type(model).__qualname__}.forward"
+        raise TraceError(
+            f"{location} calls torch.utils.checkpoint: a traced graph would inline the checkpointed "
+            "code and keep all of its activations (memory would silently grow). Turn activation "
+            "checkpointing off before ldbfx.transform (timm: model.set_grad_checkpointing(False); "
+            "Hugging Face: model.gradient_checkpointing_disable()), or make the module that calls it "
+            "a leaf: leaf_modules=[...] (it then trains as one gated layer, without savings)"
+        ) from None
     except Exception as cause:
         where = getattr(tracer, "failed_module", None)
         location = (f"inside module '{where[0]}' ({where[1]})" if where and where[0]
@@ -140,6 +176,8 @@ def trace_model(
             return LdbfxTracer(leaf_modules, autowrap_functions)
         return tracer_class(**(tracer_kwargs or {}))
 
+    if tracer_class is None:
+        _refuse_global_hooks()
     modes = [(m, m.training) for m in model.modules()]  # restore mixed modes exactly
     try:
         model.train()
@@ -160,12 +198,52 @@ def trace_model(
     finally:
         for module, mode in modes:
             module.training = mode
+    _refuse_inlined_hooks(model, train_graph)
     # Tensor constants get fresh names per trace: compare the code with names unified, and values.
     if _normalized_code(train_graph) == _normalized_code(eval_graph) and _same_constants(
         train_constants, eval_constants
     ):
         return TracedModel(train_graph, None, train_constants)
     return TracedModel(train_graph, eval_graph, {**train_constants, **eval_constants})
+
+
+def _refuse_inlined_hooks(model: nn.Module, graph: fx.Graph) -> None:
+    """Hooks on a module that tracing inlined (or on the model itself) would never run.
+
+    Leaf modules are still called by the graph, so their hooks run (ldbfx calls a hooked leaf
+    module as a whole: see ``handlers.module_handler``). A module traced *through* exists in the
+    graph only as the ops of its ``forward``: its hooks, ``weight_norm``'s old pre-hook included,
+    are silently lost. Refused with the module's name and the ways out.
+    """
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    inlined = {""} | {path for node in graph.nodes for path, _ in node.meta.get("nn_module_stack", {}).values()}
+    for name, module in model.named_modules():
+        if name in inlined and name not in called and has_hooks(module):
+            if name:
+                where = f"module '{name}' ({type(module).__qualname__})"
+                leaf = (f"pass leaf_modules=['{name}'] so the graph calls it as a whole (its hooks "
+                        "run; it then trains as one gated layer, without savings), or ")
+            else:
+                where, leaf = f"the model ({type(model).__qualname__})", ""
+            raise TraceError(
+                f"{where} has forward or backward hooks, but tracing inlines it, so they would never "
+                f"run. Either {leaf}remove the hooks before ldbfx.transform and register them on the "
+                "returned module's submodules (torch.nn.utils.weight_norm: use "
+                "torch.nn.utils.parametrizations.weight_norm)")
+
+
+def _refuse_global_hooks() -> None:
+    """Global module hooks (``register_module_forward_hook``) would not run for rewritten layers."""
+    from torch.nn.modules import module as nn_module
+
+    hooks = [getattr(nn_module, name, {}) for name in (
+        "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks")]
+    if any(hooks):
+        raise TraceError(
+            "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
+            "or similar): the rewritten graph calls its layers' ops, not their modules, so those hooks "
+            "would not run for them. Remove them before ldbfx.transform")
 
 
 def _dereferenced_optional_inputs(model: nn.Module, graph: fx.Graph,
@@ -180,7 +258,6 @@ def _dereferenced_optional_inputs(model: nn.Module, graph: fx.Graph,
     left a placeholder.
     """
     import inspect
-    import operator
 
     try:
         signature = inspect.signature(model.forward)

@@ -43,7 +43,7 @@ def test_autocast_bf16(name, channels_last, path):
         return {n: p.grad for n, p in model.named_parameters()}
 
     want = grads(model, [])
-    with ops.opaque_path() if path == "opaque" else torch.enable_grad():
+    with ops.compiled_path() if path == "opaque" else torch.enable_grad():
         got = grads(gm, drop)
     dropped = {p for l in drop for p in l.params}
     for n, g in got.items():

@@ -107,3 +107,83 @@ def test_manual_cuda_graph_capture_is_refused(monkeypatch):
         gm(torch.randn(3, 6))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert gm(torch.randn(3, 6)).shape == (3, 6)
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("path", ["eager", "dense", "compiled-path", "compile"])
+def test_optimizer_skips_what_the_backward_skipped_not_what_the_mask_says_now(path):
+    # The mask changes between backward() and optimizer.step() (user code, a callback, a policy
+    # stepped early). Before: eager threw away layer 6's real gradient, and in the compiled or
+    # dense path weight decay and momentum moved layer 5, which that backward had skipped.
+    import contextlib
+
+    from ldbfx import ops
+
+    model, gm = make()
+    if path == "dense":
+        ldbfx.distributed.dense_gradients(gm)
+    net = torch.compile(gm, backend="aot_eager") if path == "compile" else gm
+    context = ops.compiled_path if path == "compiled-path" else contextlib.nullcontext
+    opt = _sgd(model)
+    x = torch.randn(3, 6)
+    with context():
+        net(x).square().sum().backward()  # a full step first: momentum everywhere
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # zeros stay: only the hook protects skipped layers
+        ldbfx.set_dropped(gm, ["5"])
+        net(x).square().sum().backward()
+    ldbfx.set_dropped(gm, ["6"])  # changed before the step
+    before = {i: (model[i].weight.detach().clone(), opt.state[model[i].weight]["momentum_buffer"].clone())
+              for i in (5, 6)}
+    opt.step()
+    assert torch.equal(model[5].weight, before[5][0])  # skipped by that backward: untouched
+    assert torch.equal(opt.state[model[5].weight]["momentum_buffer"], before[5][1])
+    assert not torch.equal(model[6].weight, before[6][0])  # kept by it: trained on its gradient
+    assert not gm.ldbfx_state.skipped  # the record is consumed by the step
+
+
+def test_two_optimizers_each_skip_their_own_layers():
+    # A GAN-like split: each optimizer's step clears only the skipped layers it holds, and the
+    # other optimizer still finds its own in the record.
+    model, gm = make()
+    first, second = (torch.optim.SGD([p for i, m in enumerate(model) if (i < 5) == half for p in m.parameters()],
+                                     lr=0.1, momentum=0.9, weight_decay=0.1) for half in (True, False))
+    x = torch.randn(3, 6)
+    gm(x).square().sum().backward()
+    first.step(), second.step()
+    first.zero_grad(set_to_none=False), second.zero_grad(set_to_none=False)
+    ldbfx.set_dropped(gm, ["4", "6"])
+    gm(x).square().sum().backward()
+    before = {i: model[i].weight.detach().clone() for i in (4, 6)}
+    first.step()
+    assert gm.ldbfx_state.skipped == {6}
+    second.step()
+    assert all(torch.equal(model[i].weight, before[i]) for i in (4, 6))
+    assert not gm.ldbfx_state.skipped
+
+
+def test_deepcopy_with_dropped_layers_has_its_own_state_and_keeps_them_untouched():
+    import copy
+
+    model, gm = make()
+    ldbfx.set_dropped(gm, ["5"])
+    twin = copy.deepcopy(gm)
+    assert ldbfx.dropped(twin) == ("5",)
+    assert twin.ldbfx_state is not gm.ldbfx_state and twin.ldbfx_state.id != gm.ldbfx_state.id
+    assert twin.ldbfx_state.mask is twin._ldbfx_mask  # the copy's graph reads the copy's mask
+    opt = _sgd(twin)
+    x = torch.randn(3, 6)
+    ldbfx.set_dropped(twin, [])
+    twin(x).square().sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    ldbfx.set_dropped(twin, ["5"])
+    twin(x).square().sum().backward()
+    layer = twin.get_submodule("5")
+    before = layer.weight.detach().clone()
+    opt.step()
+    assert torch.equal(layer.weight, before)  # before: the copy's optimizer moved it
+    assert ldbfx.dropped(gm) == ("5",) and model[5].weight.grad is None  # the original is apart

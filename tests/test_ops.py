@@ -6,12 +6,17 @@ import torch.nn.functional as F
 
 from contract import saved_bytes
 from ldbfx import ops
+from ldbfx.state import LdbState
+
+
+_STATES = []  # the ops reach a mask's model state through a registry of live states
 
 
 def _mask(n=3, dropped=()):
-    m = torch.zeros(n, dtype=torch.bool)
-    m[list(dropped)] = True
-    return m
+    state = LdbState(((),) * n)
+    state.set_dropped(tuple(dropped))
+    _STATES.append(state)
+    return state.mask
 
 
 def _leaves(*shapes, requires_grad=True):
@@ -51,7 +56,7 @@ def test_op_matches_plain_op(case, opaque):
     fn, ref, shapes = CASES[case]
     leaves = _leaves(*shapes)
     want_out, want = _grads(ref, leaves)
-    ctx = ops.opaque_path() if opaque else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    ctx = ops.compiled_path() if opaque else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     with ctx:
         out, kept = _grads(lambda *a: fn(*a, _mask()), leaves)
         _, dropped = _grads(lambda *a: fn(*a, _mask(dropped=[1])), leaves)
@@ -71,7 +76,7 @@ def test_embedding(opaque):
     ref = F.embedding(idx, weight, padding_idx=-1, scale_grad_by_freq=True)
     ref.square().sum().backward()
     want, weight.grad = weight.grad.clone(), None
-    with ops.opaque_path() if opaque else torch.enable_grad():
+    with ops.compiled_path() if opaque else torch.enable_grad():
         out = ops.embedding(idx, weight, -1, True, _mask(), 1)
         out.square().sum().backward()
         assert torch.equal(out, ref)
@@ -123,3 +128,54 @@ def test_dropped_linear_does_not_keep_its_input_alive():
     kept = saved_bytes(lambda: net(_mask(4)))
     dropped = saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
     assert kept - dropped == 2 * x.numel() * x.element_size()
+
+
+def test_torch_func_grad_through_a_dropped_convolution():
+    # Before: "In order to use an autograd.Function with functorch transforms ... it must override
+    # the setup_context staticmethod" whenever a convolution was dropped.
+    from torch import nn
+
+    import ldbfx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=1) for _ in range(6)])
+    gm = ldbfx.transform(model)
+    ldbfx.set_dropped(gm, ["4"])
+    params = dict(model.named_parameters())
+    x = torch.randn(2, 3, 5, 5)
+    got = torch.func.grad(lambda p: torch.func.functional_call(gm, p, (x,)).square().sum())(params)
+    frozen = {n: p.detach() if n.startswith("4.") else p for n, p in params.items()}
+    want = torch.func.grad(lambda p: torch.func.functional_call(model, {**frozen, **p}, (x,)).square().sum())(
+        {n: p for n, p in params.items() if not n.startswith("4.")})
+    for name, g in want.items():
+        assert torch.equal(got[name], g), name
+    assert not got["4.weight"].any()  # torch.func gives zeros for an unused input
+
+
+def test_double_backward_in_dense_mode():
+    # A gradient penalty (create_graph=True) under DDP's dense mode: the zero gradients of dropped
+    # layers are differentiable, and the penalty's gradient equals freezing the same layer.
+    from torch import nn
+
+    import ldbfx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(4, 4), nn.Tanh())])
+    gm = ldbfx.transform(model)
+    ldbfx.distributed.dense_gradients(gm)
+    ldbfx.set_dropped(gm, ["8"])
+
+    def penalty_grads(net, frozen):
+        for p in frozen:
+            p.requires_grad_(False)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (gx,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        grads = torch.autograd.grad(gx.square().sum(), [model[0].weight, model[2].weight])
+        for p in frozen:
+            p.requires_grad_(True)
+        return grads
+
+    got = penalty_grads(gm, [])
+    want = penalty_grads(model, [model[8].weight, model[8].bias])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

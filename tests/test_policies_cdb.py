@@ -21,7 +21,7 @@ def cnn():
 
 
 def path(opaque):
-    return ops.opaque_path() if opaque else torch.enable_grad()
+    return ops.compiled_path() if opaque else torch.enable_grad()
 
 
 @pytest.mark.parametrize("opaque", [False, True], ids=["eager", "opaque"])

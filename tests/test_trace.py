@@ -155,6 +155,10 @@ def test_optional_argument_dereferenced_behind_a_none_check_is_traced_as_none():
         assert torch.equal(gm(x), model(x))  # before: AttributeError, 'NoneType' has no 'view'
     with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
         gm(x, torch.ones(2))  # passing it is refused, never silently ignored
+    # Asked for as an input (FX's placeholder marker): the graph takes the mask, and needs it.
+    given = ldbfx.transform(model, concrete_args={"mask": torch.fx.PH})
+    mask = torch.tensor([1.0, 0.0])
+    assert torch.equal(given(x, mask), model(x, mask))
 
 
 def test_optional_argument_passed_on_stays_an_input():
@@ -164,3 +168,91 @@ def test_optional_argument_passed_on_stays_an_input():
     model.eval(), gm.eval()
     assert torch.equal(gm(x), model(x))
     assert torch.equal(gm(x, padding), model(x, padding))
+
+
+def _stack():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)], nn.Sequential(nn.Linear(6, 6), nn.ReLU()),
+                         nn.Linear(6, 6), nn.Linear(6, 2))
+
+
+def test_hooks_on_leaf_modules_run_and_the_module_is_called_as_a_whole():
+    model = _stack()
+    calls = []
+    model[5].register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model[5].register_forward_hook(lambda m, args, out: calls.append("post"))
+    model[5].register_full_backward_hook(lambda m, gin, gout: calls.append("backward"))
+    gm = ldbfx.transform(model)
+    layer = next(l for l in ldbfx.layers(gm) if l.name == "5")
+    assert layer.kind == "module" and not layer.saves_compute  # called as a module: hooks run
+    x = torch.randn(3, 6, requires_grad=True)
+    assert torch.equal(gm(x), model(x))
+    calls.clear()
+    gm(x).sum().backward()
+    assert calls == ["pre", "post", "backward"]
+    ldbfx.set_dropped(gm, ["5"])
+    model.zero_grad(set_to_none=True)
+    gm(x).sum().backward()
+    assert model[5].weight.grad is None and model[6].weight.grad is not None
+
+
+def test_old_style_weight_norm_is_not_stale():
+    # torch.nn.utils.weight_norm recomputes `weight` in a forward pre-hook. Before, the graph
+    # read a stale `weight` attribute: outputs went wrong after the first optimizer step.
+    model = _stack()
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(model[5])
+    gm = ldbfx.transform(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(3, 6)
+    for _ in range(2):
+        gm(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(gm(x), model(x))
+    assert model[5].weight_g.grad is None  # zero_grad; and it trained: weight_g moved below
+    assert not torch.equal(model[5].weight_g, _stack()[5].weight.norm(dim=1, keepdim=True))
+
+
+def test_hooks_on_an_inlined_module_are_refused_with_the_way_out():
+    model = _stack()
+    model[4].register_forward_hook(lambda m, args, out: None)  # a Sequential: traced through
+    with pytest.raises(ldbfx.TraceError, match=r"module '4' \(Sequential\) has forward or backward hooks.*leaf_modules=\['4'\]"):
+        ldbfx.transform(model)
+    gm = ldbfx.transform(model, leaf_modules=["4"])  # the suggested fix works
+    assert torch.equal(gm(torch.ones(1, 6)), model(torch.ones(1, 6)))
+
+
+def test_activation_checkpointing_inside_forward_is_refused():
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = _stack()
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.blocks, x, use_reentrant=False)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = Checkpointed(), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    with pytest.raises(ldbfx.TraceError, match=r"module 'inner' \(.*Checkpointed\) calls torch.utils."
+                                               "checkpoint.*gradient_checkpointing_disable"):
+        ldbfx.transform(Outer())
+    model = Outer()
+    gm = ldbfx.transform(model, leaf_modules=["inner"], keep_first=0)  # called whole: still checkpointed
+    x = torch.randn(2, 6)
+    assert torch.equal(gm(x), model(x))
+
+
+def test_global_module_hooks_are_refused():
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        with pytest.raises(ldbfx.TraceError, match="global module hooks"):
+            ldbfx.transform(_stack())
+    finally:
+        handle.remove()

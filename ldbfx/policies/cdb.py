@@ -133,7 +133,7 @@ class ChannelDropBack:
         self.skip_first, self.selection, self.exact, self.rescale = skip_first, selection, exact, rescale
         self.seed = seed
         self._records = tuple(records[skip_first:])
-        self._sizes = tuple(_row_params(gm, l.index)[0].shape[dim] for l in self._records)
+        self._sizes = tuple(_row_params(gm.ldbfx_state, l.index)[0].shape[dim] for l in self._records)
         self._generator = torch.Generator().manual_seed(seed)
         self.epoch: int | None = None
         self.rate = 0.0

@@ -1,0 +1,165 @@
+"""One run-time state object per transformed model: the mask and everything decided from it.
+
+Every transformed model owns exactly one :class:`LdbState` (``gm.ldbfx_state``). It holds the drop
+mask the rewritten graph passes to each op, the dense-gradient mode (DDP), ChannelDropBack's row
+selections and the record of which layers the backward actually skipped, which is what the
+optimizer hook acts on. Other modules go through its methods; nothing is kept in globals keyed by
+tensor addresses.
+
+The ops receive the mask tensor (a graph input that ``torch.compile`` reads at run time without
+recompiling). They reach the state from it through a stable id stored on the mask object
+(``mask._ldbfx_state_id``), looked up in a registry of live states (weak values): eager ops and
+the compiled path's custom ops, which receive the same mask object at run time, alike.
+
+Example:
+    >>> import torch, ldbfx
+    >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)]))
+    >>> state = gm.ldbfx_state
+    >>> ldbfx.set_dropped(gm, ["5"])
+    >>> state.mask.nonzero().flatten().tolist()
+    [5]
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LdbState", "RowSelection", "state_of"]
+
+_IDS = itertools.count(1)
+_STATES: weakref.WeakValueDictionary[int, LdbState] = weakref.WeakValueDictionary()
+#: States whose optimizer work is pending (skipped layers to clear, frozen rows to restore). The
+#: global optimizer hooks visit only these, so models without drops cost nothing.
+_ACTIVE: weakref.WeakSet[LdbState] = weakref.WeakSet()
+
+ParamRef = tuple[nn.Module, str]
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which slices of a layer's weight train this step (ChannelDropBack).
+
+    Attributes:
+        dim: 0 = output rows / channels (the bias entries of frozen rows freeze too), 1 = input
+            columns / channels (the bias trains).
+        kept: indices of the slices that train, on the weight's device.
+        frozen: indices of the slices that do not.
+    """
+
+    dim: int
+    kept: Tensor
+    frozen: Tensor
+
+
+class LdbState:
+    """The run-time state of one transformed model.
+
+    Attributes:
+        id: stable id, unique among the models of this process (also on ``mask``).
+        mask: CPU bool tensor, one entry per layer, ``True`` = dropped. Mutated in place.
+        param_refs: per layer, ``(module, attribute)`` of each parameter, resolved on use (FSDP2
+            swaps the parameter objects).
+        dropped: indices of the layers in the mask now.
+        skipped: indices of the layers whose weight gradient a backward skipped since the last
+            ``optimizer.step()``: the optimizer hook leaves exactly these untouched.
+        rows: layer index -> :class:`RowSelection` (ChannelDropBack).
+        rows_exact: whether the optimizer hooks restore frozen slices bit for bit.
+        dense: dropped layers report zero gradients (DDP); ``dense_auto``: DDP may turn it on.
+    """
+
+    def __init__(self, param_refs: tuple[tuple[ParamRef, ...], ...]):
+        self.id = next(_IDS)
+        self.mask = torch.zeros(len(param_refs), dtype=torch.bool)
+        self.mask._ldbfx_state_id = self.id
+        self.param_refs = param_refs
+        self.dropped: tuple[int, ...] = ()
+        self.skipped: set[int] = set()
+        self.rows: dict[int, RowSelection] = {}
+        self.rows_exact = True
+        self.dense = False
+        self.dense_auto = True
+        _STATES[self.id] = self
+
+    # -- layers ---------------------------------------------------------------------------------
+    def params(self, index: int) -> tuple[nn.Parameter, ...]:
+        """The parameters of layer ``index`` as the model holds them now."""
+        return tuple(module._parameters[name] for module, name in self.param_refs[index])
+
+    def set_dropped(self, indices: tuple[int, ...]) -> None:
+        """Writes the mask. What the optimizer skips is decided by :meth:`record_skipped`."""
+        self.mask.zero_()
+        if indices:
+            self.mask[list(indices)] = True
+        self.dropped = indices
+
+    # -- what the backward skipped ----------------------------------------------------------------
+    def record_forward(self) -> None:
+        """Eager forward with grad enabled: the mask was read now, so its drops are skipped."""
+        if self.dropped:
+            self.skipped.update(self.dropped)
+            _ACTIVE.add(self)
+
+    def record_skipped(self, index: int) -> None:
+        """The compiled path's backward skipped layer ``index`` (it reads the mask then)."""
+        self.skipped.add(index)
+        _ACTIVE.add(self)
+
+    def clear_skipped_grads(self, held: set[int]) -> None:
+        """Before ``optimizer.step()``: skipped layers whose parameters the optimizer holds (ids in
+        ``held``) get ``.grad = None``, so nothing moves them (no momentum, no weight decay), and
+        leave the record. Layers held by another optimizer (a GAN's two) wait for its step."""
+        done = []
+        for index in self.skipped:
+            params = self.params(index)
+            if all(id(p) in held for p in params):
+                done.append(index)
+            for p in params:
+                if id(p) in held:
+                    p.grad = None
+        self.skipped.difference_update(done)
+
+    # -- row selections ---------------------------------------------------------------------------
+    def set_rows(self, rows: dict[int, RowSelection], exact: bool) -> None:
+        self.rows, self.rows_exact = rows, exact
+        if rows and exact:
+            _ACTIVE.add(self)
+
+    def row_selection(self, index: int) -> RowSelection | None:
+        return self.rows.get(index) if self.rows else None
+
+    # -- dense gradients --------------------------------------------------------------------------
+    def set_dense(self, enabled: bool, *, explicit: bool) -> None:
+        self.dense = enabled
+        if explicit:
+            self.dense_auto = False
+
+    def __deepcopy__(self, memo):
+        """A copy (``copy.deepcopy(gm)``: EMA, model soups) has its own mask, id and record, and
+        the same drops, rows and modes, on its own modules (``memo`` maps them)."""
+        import copy
+
+        result = LdbState(copy.deepcopy(self.param_refs, memo))
+        memo[id(self)] = result
+        result.set_dropped(self.dropped)
+        result.skipped = set(self.skipped)
+        result.set_rows(copy.deepcopy(self.rows, memo), self.rows_exact)
+        result.dense, result.dense_auto = self.dense, self.dense_auto
+        if result.skipped:
+            _ACTIVE.add(result)
+        return result
+
+
+def state_of(mask: Tensor) -> LdbState:
+    """The state owning ``mask`` (what the ops receive)."""
+    state = _STATES.get(getattr(mask, "_ldbfx_state_id", None))
+    if state is None:
+        from .errors import LdbfxError
+
+        raise LdbfxError("this drop mask belongs to no live ldbfx model (was the mask tensor replaced "
+                         "or copied?): use ldbfx.set_dropped(gm, ...) to change drops")
+    return state
