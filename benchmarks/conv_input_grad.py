@@ -1,11 +1,17 @@
-"""Dropped convolution, eager: dX via autograd's own call with a stand-in input (what ships) vs the
-transposed convolution (the previous version) vs freezing the weight (the reference).
+"""Dropped convolution, eager: three ways to compute its input gradient, against freezing its weight.
 
-Each variant runs forward + backward of one convolution whose weight is frozen/dropped and whose
-input needs a gradient. Interleaved rounds in rotated order, minimum kept (interference only adds
-time). The shipped path makes the same aten calls as freezing (see the profile in docs/benchmarks.md).
+* **plain op on the detached weight** (what ships since 2026-12-01): autograd saves the input and
+  calls ``convolution_backward`` exactly as for a frozen weight;
+* **transposed convolution** of the output gradient, keeping only the weight (shipped before):
+  equal to ``convolution_backward``'s dX only on some CPUs' kernels;
+* **``convolution_backward`` on an uninitialised stand-in input** (tried on 2026-12-01): exact, and
+  keeps no input alive, but slower (fresh memory every step).
 
-    python benchmarks/conv_input_grad.py --rounds 15 --models resnet18 resnet50 \
+Per op (forward + backward of one convolution) and per whole eager step of torchvision models with
+every other eligible layer dropped. Interleaved rounds in rotated order, minimum kept (interference
+only adds time).
+
+    python benchmarks/conv_input_grad.py --rounds 12 --models resnet18 resnet50 \
         --out benchmarks/results/DATE-cpu-conv-input-grad.json
 """
 
@@ -18,7 +24,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldbfx import ops
 from ldbfx.bench import run_meta
 
 SHAPES = {  # name: (batch, in, out, size, kernel, stride, groups)
@@ -49,51 +54,56 @@ class _TransposedInputGrad(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _StandInInputGrad(_TransposedInputGrad):
+    """dX by ``convolution_backward`` on an uninitialised input with the input's geometry."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):
+        ctx.conv, ctx.geometry = (stride, padding, dilation, groups), (x.shape, x.stride(), x.dtype)
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        shape, strides, dtype = ctx.geometry
+        stand_in = torch.empty_strided(shape, strides, dtype=dtype, requires_grad=True)
+        grad_x = torch.ops.aten.convolution_backward(grad, stand_in, weight, None, stride, padding, dilation,
+                                                     False, [0] * len(stride), groups, [True, False, False])[0]
+        return grad_x, None, None, None, None, None
+
+
+ALTERNATIVES = {"transposed dX (before)": _TransposedInputGrad, "stand-in dX (tried)": _StandInInputGrad}
+
+
 def variants(x, w, stride, groups):
     pad, dil = (w.shape[-1] // 2,) * 2, (1, 1)
-    mask = torch.ones(1, dtype=torch.bool)
 
     def frozen():
         xi = x.detach().requires_grad_()
         F.conv2d(xi, w.detach(), None, stride, pad, dil, groups).sum().backward()
         return xi.grad
 
-    def shipped():
-        xi = x.detach().requires_grad_()
-        ops.conv(xi, w, None, stride, pad, dil, groups, mask, 0).sum().backward()
-        return xi.grad
+    def alternative(fn):
+        def run():
+            xi = x.detach().requires_grad_()
+            fn.apply(xi, w.detach(), stride, pad, dil, groups).sum().backward()
+            return xi.grad
+        return run
 
-    def transposed():
-        xi = x.detach().requires_grad_()
-        _TransposedInputGrad.apply(xi, w.detach(), stride, pad, dil, groups).sum().backward()
-        return xi.grad
-
-    return {"frozen": frozen, "stand-in (shipped)": shipped, "conv_transpose (before)": transposed}
-
-
-class _TransposedConv(torch.autograd.Function):
-    """The previous ``ops.convs._ConvInputGradOnly``, with the transposed-convolution dX."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.conv, ctx.x_size = (stride, padding, dilation, groups), x.shape[2:]
-        ctx.save_for_backward(weight)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _TransposedInputGrad.backward(ctx, grad)[0], None, None, None, None, None, None
+    return {"frozen = plain op (shipped)": frozen, **{k: alternative(f) for k, f in ALTERNATIVES.items()}}
 
 
 def model_rows(names, rounds, resolution=64, batch=16):
-    """Whole eager steps (LDB, every other eligible layer dropped) with each dX implementation,
-    and freezing the same layers, interleaved in one process."""
+    """Whole eager steps (every other eligible layer dropped) with each dX implementation, and
+    freezing the same layers, interleaved in one process."""
     import torchvision
 
     import ldbfx
     from ldbfx.ops import convs
 
-    shipped = convs._ConvInputGradOnly
+    shipped = convs._dropped_conv
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -103,13 +113,20 @@ def model_rows(names, rounds, resolution=64, batch=16):
         drop = [l for i, l in enumerate(l for l in ldbfx.layers(gm) if l.eligible) if i % 2 == 0]
         frozen = [p for n, p in model.named_parameters() if n in {q for l in drop for q in l.params}]
 
-        def ldb_step(cls):
+        def ldb_step(dropped_conv):
             def step():
-                convs._ConvInputGradOnly = cls
+                convs._dropped_conv = dropped_conv
                 ldbfx.set_dropped(gm, drop)
                 model.zero_grad(set_to_none=True)
                 gm(x).square().mean().backward()
             return step
+
+        def via(fn):
+            def dropped_conv(x, weight, bias, stride, padding, dilation, groups):
+                if not x.requires_grad or bias is not None:
+                    return shipped(x, weight, bias, stride, padding, dilation, groups)
+                return fn.apply(x, weight.detach(), stride, padding, dilation, groups)
+            return dropped_conv
 
         def frozen_step():
             for p in frozen:
@@ -119,14 +136,14 @@ def model_rows(names, rounds, resolution=64, batch=16):
             for p in frozen:
                 p.requires_grad_(True)
 
-        fns = {"frozen": frozen_step, "stand-in (shipped)": ldb_step(shipped),
-               "conv_transpose (before)": ldb_step(_TransposedConv)}
+        fns = {"frozen": frozen_step, "ldbfx, plain op (shipped)": ldb_step(shipped),
+               **{f"ldbfx, {k}": ldb_step(via(f)) for k, f in ALTERNATIVES.items()}}
         try:
             best = _best_of(fns, rounds, steps=2)
         finally:
-            convs._ConvInputGradOnly = shipped
+            convs._dropped_conv = shipped
         rows.append({"model": name, "resolution": resolution, "batch": batch, "ms": best})
-        print(f"{name} @ {resolution} px, batch {batch}: " + "  ".join(f"{k} {v:7.1f} ms" for k, v in best.items()),
+        print(f"{name} @ {resolution} px, batch {batch}: " + "  ".join(f"{k} {v:6.1f} ms" for k, v in best.items()),
               flush=True)
     return rows
 
@@ -160,7 +177,7 @@ def main():
         x = torch.randn(n, cin, size, size)
         w = torch.randn(cout, cin // g, k, k, requires_grad=True)
         fns = variants(x, w, (s, s), g)
-        ref = fns["frozen"]()
+        ref = fns["frozen = plain op (shipped)"]()
         equal = {label: bool(torch.equal(fn(), ref)) for label, fn in fns.items()}
         best = _best_of(fns, args.rounds, args.steps)
         row = {"shape": name, "ms": best, "bitwise_equal_to_frozen": equal}

@@ -97,9 +97,9 @@ def test_no_grad_runs_the_plain_op():
     assert y.grad_fn is None and torch.equal(y, F.linear(x, w, b))
 
 
-def test_dropped_layer_does_not_keep_its_input_alive():
-    # A stack of convs: when the middle ones are dropped, their inputs (needed only for dW) are
-    # not saved for backward; the first conv's input is saved by nobody in either case.
+def test_dropped_convolution_saves_what_freezing_saves():
+    # A dropped convolution is the plain op on its detached weight: the tensors it saves for
+    # backward are those of freezing the weight (its input, its weight), no more, no fewer.
     w = [torch.randn(8, 8, 3, 3, requires_grad=True) for _ in range(4)]
     x = torch.randn(4, 8, 32, 32)
 
@@ -109,10 +109,14 @@ def test_dropped_layer_does_not_keep_its_input_alive():
             h = ops.conv(h, wi, None, (1, 1), (1, 1), (1, 1), 1, mask, i)
         return h
 
-    kept = saved_bytes(lambda: net(_mask(4)))
-    dropped = saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
-    activation = x.numel() * x.element_size()
-    assert kept - dropped == 2 * activation
+    def frozen():
+        h = x
+        for i, wi in enumerate(w):
+            h = F.conv2d(h, wi.detach() if i in (1, 2) else wi, None, 1, 1)
+        return h
+
+    assert saved_bytes(lambda: net(_mask(4, dropped=[1, 2]))) == saved_bytes(frozen)
+    assert saved_bytes(lambda: net(_mask(4))) == saved_bytes(lambda: net(_mask(4, dropped=[1, 2])))
 
 
 def test_dropped_linear_does_not_keep_its_input_alive():

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _conv_backward
-from .path import (_CONV, _aten, _autocast, _detach, _dropped_output, _is_dropped, _mask_read_at_backward,
+from .path import (_CONV, _autocast, _detach, _dropped_output, _is_dropped, _mask_read_at_backward,
                    _needs_grad)
 from .rows import _ConvRows, row_selection
 
@@ -38,42 +38,21 @@ class _Conv(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-class _ConvInputGradOnly(torch.autograd.Function):
-    """Eager path of a dropped convolution whose input needs a gradient.
+def _dropped_conv(x, weight, bias, stride, padding, dilation, groups):
+    """A dropped convolution, eager: the plain op on the detached weight and bias.
 
-    Autograd's own convolution node saves its input even when the weight is frozen. This one keeps
-    only the weight and the input's geometry (shape, strides, dtype, device). Its backward makes the
-    very call autograd makes for a frozen weight, ``convolution_backward(..., output_mask=[True,
-    False, False])``, with an uninitialised stand-in for the input: dX reads the input's geometry
-    (which also picks the kernel), never its values. So the values are bitwise those of freezing the
-    same parameters on any CPU or GPU (same kernel, same arguments), and so are the FLOPs. The
-    stand-in lives only during this backward call. (A stride-0 expanded placeholder made CPU kernels
-    15-20% slower: they materialise it; an ``empty_strided`` one is already in the input's layout.)
+    Exactly what freezing them does: autograd calls ``convolution_backward`` with
+    ``output_mask=[x needs grad, False, False]`` on the same saved input and weight, so the values,
+    FLOPs, kernels and saved tensors are those of ``requires_grad=False`` on any machine. (The input
+    is saved, as for a frozen weight; in CNNs it is saved anyway by the op that produced it.)
+
+    Two cleverer versions that did not keep the input alive were measured and dropped
+    (benchmarks/conv_input_grad.py, ResNet-50 eager step, half the eligible layers dropped, CPU):
+    dX as a transposed convolution (equal to this only on some CPUs' kernels: not exact, +6%) and
+    ``convolution_backward`` on an uninitialised stand-in input (exact, but +12%: fresh memory each
+    step). This one: +2% over freezing, the cost of ldbfx's Python per op.
     """
-
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # separate from forward: torch.func transforms work
-        x, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.x_geometry = (x.shape, x.stride(), x.dtype, x.device)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.save_for_backward(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        shape, strides, dtype, device = ctx.x_geometry
-        # requires_grad as autograd's saved input has it: backend selection may look at it.
-        stand_in = torch.empty_strided(shape, strides, dtype=dtype, device=device, requires_grad=True)
-        grad_x = _aten.convolution_backward(
-            grad, stand_in, weight, ctx.bias_sizes, stride, padding, dilation, False, [0] * len(stride),
-            groups, [True, False, False])[0]
-        return grad_x, None, None, None, None, None, None
+    return _CONV[weight.dim() - 2](x, weight.detach(), _detach(bias), stride, padding, dilation, groups)
 
 
 def conv(
@@ -100,15 +79,8 @@ def conv(
             x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, weight, bias)
             out = _ConvRows.apply(x, weight, bias, stride, padding, dilation, groups, rows)
             return out.squeeze(0) if unbatched else out
-        params = (weight, bias)
-        weight, bias = weight.detach(), _detach(bias)
-        if not x.requires_grad or x.dim() == n + 1:
-            out = _CONV[n](x, weight, bias, stride, padding, dilation, groups)
-        else:
-            # Autocast would cast inside F.conv*d; cast here so dX comes back in x's own dtype.
-            x_cast, weight, bias = _autocast(x, weight, bias)
-            out = _ConvInputGradOnly.apply(x_cast, weight, bias, stride, padding, dilation, groups)
-        return _dropped_output(out, mask, *params)
+        return _dropped_output(_dropped_conv(x, weight, bias, stride, padding, dilation, groups),
+                               mask, weight, bias)
     unbatched = x.dim() == n + 1
     if unbatched:  # what F.conv*d does internally for an unbatched input
         x = x.unsqueeze(0)
