@@ -41,6 +41,7 @@ class _TransposedInputGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation, groups):
         ctx.conv, ctx.x_size = (stride, padding, dilation, groups), x.shape[2:]
+        ctx.geometry = (x.shape, x.stride(), x.dtype)  # for the stand-in variant
         ctx.save_for_backward(weight)
         return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
@@ -56,12 +57,6 @@ class _TransposedInputGrad(torch.autograd.Function):
 
 class _StandInInputGrad(_TransposedInputGrad):
     """dX by ``convolution_backward`` on an uninitialised input with the input's geometry."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups):
-        ctx.conv, ctx.geometry = (stride, padding, dilation, groups), (x.shape, x.stride(), x.dtype)
-        ctx.save_for_backward(weight)
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
