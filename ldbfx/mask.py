@@ -40,8 +40,18 @@ __all__ = ["set_dropped", "dropped", "set_frozen_rows", "frozen_rows"]
 _hook_handle = None
 
 
+_held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (layout, param ids)
+
+
 def _optimizer_params(optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+    """Ids of the parameters ``optimizer`` holds, rebuilt only when its groups change (checked in
+    O(groups), so the per-step cost does not grow with the number of parameters)."""
+    groups = optimizer.param_groups
+    layout = tuple((id(g["params"]), len(g["params"])) for g in groups)
+    cached = _held.get(optimizer)
+    if cached is None or cached[0] != layout:
+        cached = _held[optimizer] = (layout, {id(p) for g in groups for p in g["params"]})
+    return cached[1]
 
 
 def _clear_skipped_grads(optimizer, args, kwargs) -> None:

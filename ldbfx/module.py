@@ -110,8 +110,10 @@ class LdbGraphModule(fx.GraphModule):
         return self
 
     def recompile(self):
-        """Regenerates ``forward``: it dispatches on ``self.training`` when there are two graphs,
-        and switches the model to dense gradients the first time it runs inside DDP."""
+        """Regenerates ``forward``. Before the graph runs (eagerly), it switches the model to
+        dense gradients the first time it runs inside DDP, refuses a CUDA-graph capture, and
+        records the drops the eager ops are about to skip; then it runs the graph of the
+        current mode (``self.training``) when there are two."""
         result = super().recompile()
         cls = type(self)
         train_forward = cls.forward
