@@ -58,7 +58,7 @@ def dense_gradients(gm, enabled: bool = True) -> None:
         gm: a module returned by :func:`ldbfx.transform`.
         enabled: ``False`` restores the default (``None`` gradients in eager mode), for good.
     """
-    _check(gm).ldbfx_state.set_dense(enabled, explicit=True)
+    _check(gm).ldbfx_state.set_dense(enabled)
 
 
 def _collective_device(group) -> torch.device:
@@ -215,7 +215,7 @@ def skip_dropped_allreduce(ddp, group=None) -> AllReduceStats:
             f"{type(gm).__name__}: wrap gm = ldbfx.transform(model) as DistributedDataParallel(gm)")
     ldb = gm.ldbfx_state
     if ldb.dense_auto:
-        ldb.set_dense(True, explicit=True)  # what the first forward under DDP would do
+        ldb.set_dense(True)  # what the first forward under DDP would do
     if not ldb.dense:
         raise LdbfxError(
             "skip_dropped_allreduce needs dense gradients (DDP waits for every gradient), but they "

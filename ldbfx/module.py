@@ -125,7 +125,7 @@ class LdbGraphModule(fx.GraphModule):
             if not torch.compiler.is_compiling():  # compiled: the backward records what it skips
                 state = self.__dict__["ldbfx_state"]
                 if state.dense_auto and _inside_ddp():
-                    state.set_dense(True, explicit=True)  # for good: the model runs under DDP
+                    state.set_dense(True)  # for good: the model runs under DDP
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                     raise _cuda_graph_capture_error()
                 if torch.is_grad_enabled():  # eager ops read the mask now

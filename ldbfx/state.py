@@ -133,10 +133,9 @@ class LdbState:
         return self.rows.get(index) if self.rows else None
 
     # -- dense gradients --------------------------------------------------------------------------
-    def set_dense(self, enabled: bool, *, explicit: bool) -> None:
-        self.dense = enabled
-        if explicit:
-            self.dense_auto = False
+    def set_dense(self, enabled: bool) -> None:
+        """Sets dense mode for good: DDP's forward no longer decides (``dense_auto`` off)."""
+        self.dense, self.dense_auto = enabled, False
 
     def __deepcopy__(self, memo):
         """A copy (``copy.deepcopy(gm)``: EMA, model soups) has its own mask, id and record, and
