@@ -10,9 +10,6 @@ from .path import (_CONV, _autocast, _detach, _dropped_output, _is_dropped, _mas
                    _needs_grad)
 from .rows import _ConvRows, row_selection
 
-# --------------------------------------------------------------------------------------------
-# Convolutions (1d/2d/3d, grouped, depthwise).
-# --------------------------------------------------------------------------------------------
 class _Conv(torch.autograd.Function):
     """Compiled path of :func:`conv`."""
 
@@ -47,10 +44,11 @@ def _dropped_conv(x, weight, bias, stride, padding, dilation, groups):
     is saved, as for a frozen weight; in CNNs it is saved anyway by the op that produced it.)
 
     Two cleverer versions that did not keep the input alive were measured and dropped
-    (benchmarks/conv_input_grad.py, ResNet-50 eager step, half the eligible layers dropped, CPU):
-    dX as a transposed convolution (equal to this only on some CPUs' kernels: not exact, +6%) and
-    ``convolution_backward`` on an uninitialised stand-in input (exact, but +12%: fresh memory each
-    step). This one: +2% over freezing, the cost of ldbfx's Python per op.
+    (benchmarks/conv_input_grad.py, eager ResNet steps, every other eligible layer dropped, CPU;
+    figures in docs/benchmarks.md): dX as a transposed convolution (equal to this only on some
+    CPUs' kernels, so not exact by construction; within noise of freezing in time) and
+    ``convolution_backward`` on an uninitialised stand-in input (exact, but the slowest in every
+    run, +12% to +19% over freezing: fresh memory each step). This one is within noise of freezing.
     """
     return _CONV[weight.dim() - 2](x, weight.detach(), _detach(bias), stride, padding, dilation, groups)
 
