@@ -11,6 +11,7 @@ Example:
 from . import distributed
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
 from .inspect import summary, to_networkx
+from .install import install, installed, uninstall
 from .layers import Layer, layers
 from .mask import dropped, frozen_rows, set_dropped, set_frozen_rows
 from .module import LdbGraphModule
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform",
+    "install",
+    "uninstall",
+    "installed",
     "layers",
     "set_dropped",
     "dropped",

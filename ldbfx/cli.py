@@ -63,6 +63,13 @@ def check_model_name(name: str) -> None:
     raise UsageError(f"unknown model {name!r}: not a torchvision classification model nor a timm model; {hint}")
 
 
+def _require(package: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"{what} needs {package}: pip install 'ldbfx[hf]'")
+
+
 def check_device(device: str) -> None:
     """Raises :class:`UsageError` unless ``device`` names a device this machine has."""
     import torch
@@ -198,11 +205,19 @@ def _inspect(args) -> int:
     from .rewrite import transform
     from .train import build_model
 
-    check_model_name(args.model)
-    model = build_model(args.model, args.num_classes)
-    gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last)
-    x = torch.randn(2, 3, args.input_size, args.input_size)
-    ins.summary(gm, x)
+    if args.model.startswith("hf:"):  # a tiny random Hugging Face model, captured by torch.export
+        _require("transformers", "ldbfx inspect hf:...")
+        from .hf import tiny_model
+
+        model, batch = tiny_model(args.model[3:])
+        gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last, example_kwargs=batch)
+        ins.summary(gm, **batch)
+    else:
+        check_model_name(args.model)
+        model = build_model(args.model, args.num_classes)
+        gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last)
+        x = torch.randn(2, 3, args.input_size, args.input_size)
+        ins.summary(gm, x)
     graph = ins.to_networkx(gm)
     print(f"layer DAG: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges"
           f"{'; train and eval graphs differ' if gm.eval_code != gm.code else ''}")
@@ -259,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("inspect", formatter_class=fmt, help="the layer table and graph of a model")
-    p.add_argument("model", help="a torchvision or timm model name")
+    p.add_argument("model", help="a torchvision or timm model name, or hf:<model_type> (a tiny random "
+                                 "Hugging Face model: hf:llama, hf:bert, hf:gpt2, hf:vit)")
     p.add_argument("--num-classes", type=_POSITIVE_INT, default=1000, help="classifier width")
     p.add_argument("--input-size", type=_POSITIVE_INT, default=224, help="input resolution for the FLOP column")
     p.add_argument("--keep-first", type=_number(int, 0), default=4, help="first layers that always train")

@@ -16,11 +16,11 @@ class LdbfxError(Exception):
 
 
 class TraceError(LdbfxError):
-    """The model could not be traced by ``torch.fx``.
+    """The model could not be captured (traced by ``torch.fx`` or exported by ``torch.export``).
 
     The message names the module or node that failed, the original cause (kept as ``__cause__``)
-    and the usual fixes: declare the module a leaf, pass ``concrete_args``, or use the model
-    family's own tracer (timm and Hugging Face ship one).
+    and the usual fixes: declare the module a leaf, pass ``concrete_args``, or capture with
+    ``torch.export`` from an example batch (``example_args=`` / ``example_kwargs=``).
     """
 
 

@@ -315,6 +315,62 @@ register_function_handler(
 
 
 # ---------------------------------------------------------------------------------------------
+# ATen forms: what a torch.export graph holds (ldbfx.export). Same ops of ldbfx.ops as above.
+# ---------------------------------------------------------------------------------------------
+_aten = torch.ops.aten
+register_function_handler(_aten.linear.default, Handler("linear", True, _linear_function_match,
+                                                        _linear_function_rewrite))
+for _op in (_aten.matmul.default, _aten.mm.default):
+    register_function_handler(_op, _MATMUL)
+for _packet in (_aten.conv1d, _aten.conv2d, _aten.conv3d):
+    for _overload in ("default", "padding"):
+        register_function_handler(getattr(_packet, _overload), _CONV_FUNCTION)
+
+
+
+def _addmm_match(node: fx.Node, fn: Any, root: nn.Module) -> bool:
+    """``aten.addmm(bias, x, weight)`` with both parameters, default ``beta``/``alpha`` (GPT-2's
+    ``Conv1D``: ``torch.addmm(self.bias, x.view(-1, nx), self.weight)``)."""
+    if len(node.args) != 3 or node.kwargs:
+        return False
+    bias, x, weight = node.args
+    return (_is_param(bias, root) and _is_param(weight, root) and not _is_param(x, root)
+            and root.get_parameter(weight.target).dim() == 2 and root.get_parameter(bias.target).dim() == 1)
+
+
+def _addmm_rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:
+    bias, x, weight = node.args
+    return rw.call(ops.addmm, (bias, x, weight, rw.mask, index))
+
+
+# Kind "matmul", like x @ W: no ChannelDropBack rows for it (ops.addmm has no rows path).
+register_function_handler(_aten.addmm.default, Handler("matmul", True, _addmm_match, _addmm_rewrite))
+
+# aten.embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+# weight first, and -1 (not None) for "no padding index".
+_ATEN_EMBEDDING_ARGS = ("weight", "input", "padding_idx", "scale_grad_by_freq", "sparse")
+_ATEN_EMBEDDING_DEFAULTS = {"padding_idx": -1, "scale_grad_by_freq": False, "sparse": False}
+
+
+def _aten_embedding_match(node: fx.Node, fn: Any, root: nn.Module) -> bool:
+    a = _bind(node, _ATEN_EMBEDDING_ARGS, _ATEN_EMBEDDING_DEFAULTS)
+    return (a is not None and _is_param(a["weight"], root) and a["sparse"] is False
+            and isinstance(a["padding_idx"], int) and isinstance(a["scale_grad_by_freq"], bool))
+
+
+def _aten_embedding_rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:
+    a = _bind(node, _ATEN_EMBEDDING_ARGS, _ATEN_EMBEDDING_DEFAULTS)
+    # aten's -1 means "none"; F.embedding (what ops.embedding calls) would read -1 as the last row.
+    padding_idx = None if a["padding_idx"] == -1 else a["padding_idx"]
+    return rw.call(ops.embedding, (a["input"], a["weight"], padding_idx, a["scale_grad_by_freq"],
+                                   rw.mask, index))
+
+
+register_function_handler(_aten.embedding.default, Handler(
+    "embedding", True, _aten_embedding_match, _aten_embedding_rewrite))
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-head attention (torchvision's ViT): in/out projections are most of its dW FLOPs.
 # ---------------------------------------------------------------------------------------------
 def _mha_rewrite(rw: Rewriter, node: fx.Node, index: int) -> fx.Node:

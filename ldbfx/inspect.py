@@ -78,8 +78,23 @@ class _Attributing(fx.Interpreter):
             self.counter.current = None
 
 
-def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
-    """Measures each layer's weight-gradient FLOPs and the full backward FLOPs on ``inputs``.
+def _graph_inputs(gm: LdbGraphModule, args: tuple, kwargs: dict) -> tuple:
+    """The graph's placeholders' values for the call ``gm(*args, **kwargs)``."""
+    spec = gm.__dict__.get("_in_spec")
+    if spec is not None:  # torch.export graphs take the flattened inputs
+        from torch.fx import _pytree as fx_pytree
+
+        return tuple(fx_pytree.tree_flatten_spec((args, kwargs), spec))
+    if not kwargs:
+        return args
+    import inspect
+
+    return tuple(inspect.signature(gm.forward).bind(*args, **kwargs).arguments.values())
+
+
+def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> FlopReport:
+    """Measures each layer's weight-gradient FLOPs and the full backward FLOPs on ``inputs``
+    (positional, and keyword inputs ``kwinputs`` for models such as Hugging Face's).
 
     One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``, in
     train mode. The model is left as it was: buffers (BatchNorm statistics) are restored and
@@ -102,8 +117,8 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any) -> FlopReport:
         counter = _LayerFlops(len(layers))
         # With grad enabled, so MHA takes its projection path rather than the fused inference op.
         with counter:
-            _Attributing(gm, counter).run(*inputs)
-        out = gm(*inputs)
+            _Attributing(gm, counter).run(*_graph_inputs(gm, inputs, kwinputs))
+        out = gm(*inputs, **kwinputs)
         loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
         with FlopCounterMode(display=False) as total:
             loss.backward()
@@ -121,7 +136,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def summary(gm: LdbGraphModule, *example_inputs: Any, print_fn=print) -> str:
+def summary(gm: LdbGraphModule, *example_inputs: Any, print_fn=print, **example_kwargs: Any) -> str:
     """Prints (and returns) the layer table of a transformed model.
 
     Columns: index, name, type, kind, parameter count, eligibility (or why not), and, when
@@ -131,6 +146,7 @@ def summary(gm: LdbGraphModule, *example_inputs: Any, print_fn=print) -> str:
         gm: a module returned by :func:`ldbfx.transform`.
         *example_inputs: optional inputs for the FLOP column (small ones are fine).
         print_fn: where the table goes. Default: ``print``.
+        **example_kwargs: optional keyword inputs for the FLOP column (``input_ids=...``).
 
     Example:
         >>> import torch, ldbfx
@@ -138,7 +154,8 @@ def summary(gm: LdbGraphModule, *example_inputs: Any, print_fn=print) -> str:
         >>> _ = ldbfx.summary(gm, torch.randn(4, 8), print_fn=lambda s: None)
     """
     layers = _layers(gm)
-    report = weight_grad_flops(gm, *example_inputs) if example_inputs else None
+    given = example_inputs or example_kwargs
+    report = weight_grad_flops(gm, *example_inputs, **example_kwargs) if given else None
     header = ["#", "name", "type", "kind", "params", "eligible"] + (["dW share"] if report else [])
     rows = []
     for l in layers:

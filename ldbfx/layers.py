@@ -6,8 +6,10 @@ through ``get_attr`` (``F.linear(x, self.weight)``, a class token, a position em
 Nodes that share a parameter (weight tying, a module called twice) form *one* layer, so a
 parameter never belongs to two layers and its gradient is skipped only when the whole layer is.
 Layers are numbered in topological order of their first node; by default all but the first
-``keep_first`` and the last ``keep_last`` are eligible for dropping (LayerDropBack, paper §4:
-"the last layer as well as the first four layers ... are always updated").
+``keep_first`` and the last ``keep_last`` trainable layers are eligible for dropping
+(LayerDropBack, paper §4: "the last layer as well as the first four layers ... are always
+updated"). Frozen layers (no parameter with ``requires_grad``) are never eligible and are not
+counted, so under a frozen base model (LoRA) the first and last *adapters* stay kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from torch import fx, nn
 
 from . import handlers
@@ -83,7 +86,11 @@ class LayerPlan:
 
 def _node_params(node: fx.Node, root: nn.Module) -> list[tuple[int, nn.Parameter]]:
     if node.op == "call_module":
-        return [(id(p), p) for p in root.get_submodule(node.target).parameters()]
+        try:
+            module = root.get_submodule(node.target)
+        except AttributeError:  # the graph's own (torch.export's guard module): no parameters
+            return []
+        return [(id(p), p) for p in module.parameters()]
     params = (handlers.param_of(arg, root) for arg in node.all_input_nodes)
     return [(id(p), p) for p in params if p is not None]
 
@@ -144,6 +151,8 @@ def _layer_name(plan: LayerPlan, root: nn.Module, names: dict[int, str]) -> str:
 def _type_name(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return type(root.get_submodule(node.target)).__name__
+    if isinstance(node.target, torch._ops.OpOverload):  # torch.export graphs: aten.linear.default
+        return node.target.overloadpacket.__name__
     return getattr(node.target, "__name__", str(node.target))
 
 
@@ -159,7 +168,12 @@ def build_layers(
     names = {id(p): n for n, p in root.named_parameters()}
     params_by_id = {id(p): p for p in root.parameters()}
     result = []
-    n = len(plans)
+    # keep_first/keep_last count *trainable* layers: with a frozen base model (PEFT's LoRA), the
+    # first and last layers that actually train are the adapters, and those are what stay kept.
+    trainable = [i for i, plan in enumerate(plans)
+                 if any(params_by_id[p].requires_grad for p in plan.param_ids)]
+    position = {index: k for k, index in enumerate(trainable)}
+    n = len(trainable)
     for index, plan in enumerate(plans):
         first = plan.nodes[0].node
         name = _layer_name(plan, root, names)
@@ -168,12 +182,12 @@ def build_layers(
         else:
             owner = names[plan.param_ids[0]].rpartition(".")[0]
             module = root.get_submodule(owner)
-        if index < keep_first:
-            reason = f"first {keep_first}"
-        elif index >= n - keep_last:
-            reason = f"last {keep_last}"
-        elif not any(params_by_id[i].requires_grad for i in plan.param_ids):
+        if index not in position:
             reason = "frozen"
+        elif position[index] < keep_first:
+            reason = f"first {keep_first}"
+        elif position[index] >= n - keep_last:
+            reason = f"last {keep_last}"
         elif filter is not None and not filter(module, name):
             reason = "filter"
         else:

@@ -47,6 +47,13 @@ def _param_ref(model: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name), name
 
 
+def _forward_of(graph: fx.Graph):
+    """The generated ``forward`` of ``graph`` (an unbound function). Only the code is needed, so
+    the throwaway module gets empty stand-ins for the attributes the graph reads."""
+    stand_ins = {n.target: nn.Module() for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    return type(fx.GraphModule(stand_ins, graph)).forward
+
+
 class LdbGraphModule(fx.GraphModule):
     """A transformed model: same computation, same parameters, maskable weight gradients.
 
@@ -61,13 +68,16 @@ class LdbGraphModule(fx.GraphModule):
 
     def __init__(self, model: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None,
                  constants: dict[str, torch.Tensor], layers: tuple[Layer, ...],
-                 edges: tuple[tuple[int, int], ...], config: TransformConfig):
+                 edges: tuple[tuple[int, int], ...], config: TransformConfig,
+                 attributes: dict[str, object] | None = None):
         # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
         # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
         # must find the parameters the optimizer holds now, not those seen at transform time.
         state = LdbState(tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers))
         mask = state.mask
-        lookup = {**constants, MASK_ATTR: mask}
+        attributes = dict(attributes or {})
+        modules = {k: v for k, v in attributes.items() if isinstance(v, nn.Module)}
+        lookup = {**constants, **modules, MASK_ATTR: mask}
         targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
                    if n.op in ("get_attr", "call_module")}
         self.__dict__["_ldbfx_eval_graph"] = eval_graph  # read by recompile() during __init__
@@ -87,6 +97,11 @@ class LdbGraphModule(fx.GraphModule):
         self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
         for name, value in constants.items():  # moved by .to(), absent from state_dict
             self.register_buffer(name, value, persistent=False)
+        for name, value in attributes.items():  # torch.export's guard module and pytree specs
+            if name in modules:
+                self._modules[name] = value  # no parameters or buffers: state_dict unchanged
+            else:
+                self.__dict__[name] = value
         self.training = model.training  # not .train(): children keep their own (maybe mixed) modes
         self.__dict__[MASK_ATTR] = mask  # what the graph's get_attr reads: the state's mask
         #: The run-time state (mask, skipped layers, rows, dense mode): :class:`ldbfx.state.LdbState`.
@@ -118,7 +133,7 @@ class LdbGraphModule(fx.GraphModule):
         cls = type(self)
         train_forward = cls.forward
         eval_graph = self.__dict__.get("_ldbfx_eval_graph")
-        eval_forward = train_forward if eval_graph is None else type(fx.GraphModule(self, eval_graph)).forward
+        eval_forward = train_forward if eval_graph is None else _forward_of(eval_graph)
 
         @functools.wraps(train_forward)
         def forward(self, *args, **kwargs):

@@ -65,8 +65,10 @@ class Rewriter:
 
     def __init__(self, graph: fx.Graph, root: nn.Module):
         self.graph, self.root = graph, root
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+        # Before the first node that is not an input: torch.export graphs read parameters
+        # (get_attr) before their inputs, and gated parameters must see the mask defined.
+        first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        with graph.inserting_before(first):
             self.mask = graph.get_attr(MASK_ATTR)
         self._masked: dict[tuple[fx.Node, int], fx.Node] = {}
 
@@ -128,8 +130,17 @@ def transform(
     leaf_modules: Iterable[type | str] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_args: tuple | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = "auto",
 ) -> LdbGraphModule:
-    """Traces ``model`` once and makes each layer's weight gradient skippable at run time.
+    """Captures ``model`` once and makes each layer's weight gradient skippable at run time.
+
+    Two front ends capture the graph. Without an example batch, ``torch.fx`` traces the model
+    symbolically (torchvision, timm, custom models: no input needed, module-level graph). With
+    ``example_args`` / ``example_kwargs``, ``torch.export`` captures it from that batch (Hugging
+    Face transformers and any other exportable model; see :mod:`ldbfx.export`). Both give the
+    same kind of module with the same contract.
 
     The returned module computes exactly what ``model`` computes (same ops, train and eval), shares
     its parameter and module objects (an optimizer built on either trains both) and has the same
@@ -142,18 +153,24 @@ def transform(
         keep_last: the last layers that always train. Default: ``1``.
         filter: ``(module, name) -> bool``; layers for which it is False always train.
             Default: ``None``.
-        tracer_class: a ``torch.fx.Tracer`` subclass to use instead of ldbfx's (for example
-            ``transformers.utils.fx.HFTracer``). Default: ``None``.
+        tracer_class: a ``torch.fx.Tracer`` subclass to use instead of ldbfx's. Default: ``None``.
         tracer_kwargs: keyword arguments for ``tracer_class``. Default: ``None``.
         leaf_modules: module types or qualified names to keep as single calls. Default: ``()``.
         autowrap_functions: functions to record as single calls. Default: ``()``.
         concrete_args: arguments to fix while tracing (``torch.fx`` semantics). Default: ``None``.
+        example_args: positional inputs of one example batch: capture with ``torch.export``.
+            Default: ``None``.
+        example_kwargs: keyword inputs of one example batch (``input_ids``, ``attention_mask``,
+            ``labels``...): capture with ``torch.export``. Default: ``None``.
+        dynamic_shapes: with an example, which dimensions may change between batches:
+            ``"auto"`` (every dimension the model allows, e.g. batch and sequence length), ``None``
+            (the example's shapes only) or ``torch.export``'s own format. Default: ``"auto"``.
 
     Returns:
         An :class:`ldbfx.LdbGraphModule` (a ``torch.fx.GraphModule``).
 
     Raises:
-        TraceError: ``model`` could not be traced; the message names the module and the fixes.
+        TraceError: ``model`` could not be captured; the message names the cause and the fixes.
 
     Example:
         >>> import torch, ldbfx
@@ -163,16 +180,37 @@ def transform(
         >>> gm(torch.randn(2, 8)).sum().backward()
         >>> model[4].weight.grad is None, model[5].weight.grad is None
         (True, False)
+
+        A Hugging Face model, captured from an example batch:
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM  # doctest: +SKIP
+        >>> llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, use_cache=False))  # doctest: +SKIP
+        >>> ids = torch.randint(0, 100, (2, 16))  # doctest: +SKIP
+        >>> gm = ldbfx.transform(llama, example_kwargs={"input_ids": ids, "labels": ids})  # doctest: +SKIP
     """
     config = TransformConfig(keep_first, keep_last, filter)
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LdbGraphModule):
         raise TypeError("this module was already transformed by ldbfx; transform the original model")
-    traced = trace_model(
-        model, tracer_class=tracer_class, tracer_kwargs=tracer_kwargs, leaf_modules=leaf_modules,
-        autowrap_functions=autowrap_functions, concrete_args=concrete_args,
-    )
+    if example_args is not None or example_kwargs is not None:
+        fx_only = {"tracer_class": tracer_class, "tracer_kwargs": tracer_kwargs,
+                   "leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions),
+                   "concrete_args": concrete_args}
+        given = [name for name, value in fx_only.items() if value]
+        if given:
+            raise TypeError(f"{', '.join(given)} configure torch.fx tracing, but an example batch "
+                            "selects torch.export capture; pass one or the other")
+        from .export import (
+            export_model,  # imports nothing heavy; keeps the FX path's imports
+        )
+
+        traced = export_model(model, example_args or (), example_kwargs, dynamic_shapes)
+    else:
+        traced = trace_model(
+            model, tracer_class=tracer_class, tracer_kwargs=tracer_kwargs, leaf_modules=leaf_modules,
+            autowrap_functions=autowrap_functions, concrete_args=concrete_args,
+        )
     plans = plan_layers(traced.train_graph, model)
     layers = build_layers(plans, model, keep_first=config.keep_first, keep_last=config.keep_last,
                           filter=config.filter)
@@ -192,7 +230,7 @@ def transform(
             NoEligibleLayerWarning, stacklevel=2,
         )
     return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
-                          edges, config)
+                          edges, config, traced.attributes)
 
 
 def _index_by_position(plans: list[LayerPlan]) -> Callable[[LayerPlan], int]:

@@ -81,6 +81,9 @@ class TracedModel:
     train_graph: fx.Graph
     eval_graph: fx.Graph | None  # None when both modes trace to the same code
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Modules and plain attributes the graphs need besides the model's (torch.export's guard
+    # module and its input/output specs): kept by the transformed module, absent from state_dict.
+    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 class _CheckpointCalled(Exception):
@@ -130,8 +133,9 @@ def _trace_one(model: nn.Module, tracer: fx.Tracer, concrete_args: dict[str, Any
             f"ldbfx.transform(model, leaf_modules=[{where[1] if where else 'TheModule'}])",
             "if forward branches on an argument's value (a flag, None), fix it with "
             "concrete_args={'arg': value}",
-            "use the model family's own tracer: tracer_class=transformers.utils.fx.HFTracer for "
-            "Hugging Face models (timm's leaf modules are applied automatically)",
+            "capture with torch.export from an example batch instead (Hugging Face models, "
+            "data-dependent code): ldbfx.transform(model, example_args=(x,)) or "
+            "ldbfx.transform(model, example_kwargs={'input_ids': ids, 'labels': ids})",
         ]
         raise TraceError(
             f"torch.fx could not trace {type(model).__qualname__}: the failure happened {location}: "

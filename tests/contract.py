@@ -57,6 +57,8 @@ def saved_bytes(fn: Callable[[], object]) -> int:
 
 
 def run(model, inputs):
+    if isinstance(inputs, dict):  # keyword inputs (Hugging Face models)
+        return model(**inputs)
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
@@ -77,11 +79,12 @@ def check_outputs(model, gm, inputs) -> None:
 
 def check_eligibility(gm, keep_first: int = 4, keep_last: int = 1) -> None:
     layers = ldbfx.layers(gm)
-    n = len(layers)
-    assert [l.index for l in layers] == list(range(n))
-    for layer in layers:
-        expected = keep_first <= layer.index < n - keep_last and layer.reason != "frozen"
+    assert [l.index for l in layers] == list(range(len(layers)))
+    trainable = [l for l in layers if l.reason != "frozen"]  # the rule counts trainable layers
+    for position, layer in enumerate(trainable):
+        expected = keep_first <= position < len(trainable) - keep_last
         assert layer.eligible == expected, layer
+    assert all(not l.eligible for l in layers if l.reason == "frozen")
     all_params = [p for l in layers for p in l.params]
     assert len(all_params) == len(set(all_params)), "a parameter belongs to two layers"
 
@@ -138,22 +141,24 @@ def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float = 1e
     assert diff <= bound, f"{what}: max abs diff {diff:.3g} > {bound:.3g} (rel {rel} of the tensor's scale)"
 
 
-def _frozen_backward(model, inputs, frozen: set[str]) -> dict[str, torch.Tensor | None]:
-    """Gradients of the original model with ``frozen`` parameters at ``requires_grad=False``."""
+def _frozen_backward(model, inputs, frozen: set[str], runner=None) -> dict[str, torch.Tensor | None]:
+    """Gradients of the original model with ``frozen`` parameters at ``requires_grad=False``
+    (computed by ``runner``, a module over the same parameters, when given)."""
     params = dict(model.named_parameters())
     for n in frozen:
         params[n].requires_grad_(False)
     try:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        loss_of(run(model, inputs)).backward()
+        loss_of(run(runner or model, inputs)).backward()
         return grads(model)
     finally:
         for n in frozen:
             params[n].requires_grad_(True)
 
 
-def check_gradients(model, gm, inputs, drop: Sequence[ldbfx.Layer], rel: float = 1e-4) -> None:
+def check_gradients(model, gm, inputs, drop: Sequence[ldbfx.Layer], rel: float = 1e-4,
+                    reference=None) -> None:
     """Kept gradients equal freezing the dropped layers, bit for bit; dropped ones are None.
 
     Exactness is defined against the semantic reference: the original model with the dropped
@@ -162,10 +167,15 @@ def check_gradients(model, gm, inputs, drop: Sequence[ldbfx.Layer], rel: float =
     needed), so equality is bitwise on any machine. The full backward of the original runs other
     kernels for the dropped layers' input gradients; it is compared with a tolerance on each
     tensor's scale (see :func:`assert_close_to_scale`).
+
+    ``reference``: the module whose kernels ldbfx's graph runs, when not ``model``'s own. A
+    torch.export graph is not always op for op the model's eager code (Hugging Face builds an
+    explicit attention mask under tracing where eager passes ``is_causal``), so for the export
+    front end the reference is the untransformed exported program over the same parameters.
     """
     dropped = {p for l in drop for p in l.params}
     full = _frozen_backward(model, inputs, set())
-    frozen = _frozen_backward(model, inputs, dropped)
+    frozen = _frozen_backward(model, inputs, dropped, runner=reference)
     model.zero_grad(set_to_none=True)
     ldbfx.set_dropped(gm, drop)
     try:

@@ -34,18 +34,18 @@ from .attention import multi_head_attention, routed_call
 from .convs import conv
 from .embeddings import embedding
 from .gating import batch_norm, masked_param, module_call
-from .linears import linear, matmul
+from .linears import addmm, linear, matmul
 from .path import compiled_path, opaque_path
 from .rows import row_selection, rows_in_use
 
 __all__ = [
-    "compiled_path", "opaque_path", "linear", "conv", "matmul", "embedding", "masked_param", "batch_norm",
+    "compiled_path", "opaque_path", "linear", "conv", "matmul", "addmm", "embedding", "masked_param", "batch_norm",
     "module_call", "multi_head_attention", "routed_call", "row_selection", "rows_in_use",
 ]
 
 # The rewritten graph's code names these functions by module: keep them ``ldbfx.ops.<name>``
 # (``gm.code`` reads ``ldbfx_ops_conv(...)``), wherever they are defined.
-for _fn in (linear, conv, matmul, embedding, masked_param, batch_norm, module_call, multi_head_attention,
+for _fn in (linear, conv, matmul, addmm, embedding, masked_param, batch_norm, module_call, multi_head_attention,
             routed_call):
     _fn.__module__ = __name__
 del _fn

@@ -7,18 +7,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import _linear_weight_grad
-from .path import _autocast, _detach, _dropped_output, _is_dropped, _mask_read_at_backward, _needs_grad
+from .path import (
+    _autocast,
+    _detach,
+    _dropped_output,
+    _is_dropped,
+    _mask_read_at_backward,
+    _needs_grad,
+)
 from .rows import _LinearRows, row_selection
+
 
 # --------------------------------------------------------------------------------------------
 # Linear family: F.linear and matmul with a parameter as the right operand.
 # --------------------------------------------------------------------------------------------
 class _Linear(torch.autograd.Function):
-    """Compiled path. ``y = x @ W.T + b`` (``transposed=False``) or ``y = x @ W``."""
+    """Compiled path. ``y = x @ W.T + b`` (``transposed=False``) or ``y = b + x @ W``
+    (``transposed=True``: ``matmul``, or ``addmm`` with a bias)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, index, transposed):
-        out = torch.matmul(x, weight) if transposed else F.linear(x, weight, bias)
+        if transposed:
+            out = torch.matmul(x, weight) if bias is None else torch.addmm(bias, x, weight)
+        else:
+            out = F.linear(x, weight, bias)
         ctx.index, ctx.transposed, ctx.x_shape = index, transposed, x.shape
         ctx.with_bias = bias is not None
         ctx.save_for_backward(x, weight, mask)
@@ -68,3 +80,16 @@ def matmul(x: Tensor, weight: Tensor, mask: Tensor, index: int) -> Tensor:
         return torch.matmul(x, weight)
     x, weight = _autocast(x, weight)
     return _Linear.apply(x, weight, None, mask, index, True)
+
+
+def addmm(bias: Tensor, x: Tensor, weight: Tensor, mask: Tensor, index: int) -> Tensor:
+    """``torch.addmm(bias, x, weight)`` with parameters ``bias`` (1-D) and ``weight`` (2-D, in x
+    out): Hugging Face's ``Conv1D`` (GPT-2) as torch.export records it; masked like :func:`linear`."""
+    if not _needs_grad(x, weight, bias):
+        return torch.addmm(bias, x, weight)
+    if not _mask_read_at_backward():
+        if _is_dropped(mask, index):
+            return _dropped_output(torch.addmm(bias.detach(), x, weight.detach()), mask, weight, bias)
+        return torch.addmm(bias, x, weight)
+    x, weight, bias = _autocast(x, weight, bias)
+    return _Linear.apply(x, weight, bias, mask, index, True)

@@ -1,0 +1,154 @@
+"""Train through the rewritten graph while keeping the model object (Hugging Face users' way).
+
+``Trainer``, ``save_pretrained``, ``generate`` and PEFT act on the ``PreTrainedModel`` itself, not
+on a ``GraphModule``. :func:`install` therefore routes the model's own ``forward`` through the
+transformed module ``gm``: the model object, its class, methods and parameters stay the user's,
+and every call that can reach a backward (``torch.is_grad_enabled()``) runs ``gm``'s graph, whose
+dropped layers skip their weight gradients. Calls without gradients (evaluation under
+``no_grad``, ``generate``) run the model's original ``forward``: the graph computes exactly the
+same values, and the original also takes inputs the example batch did not have (a KV cache).
+
+Why not swap leaf modules in place, as torchao's ``quantize_`` does? A dropped layer's saving
+comes from the op that consumes the weight, which the graph rewrites wherever the weight is used
+(tied embeddings, functional uses); swapping ``nn.Linear`` modules would miss those and need one
+Python wrapper per layer on the hot path. Routing ``forward`` keeps one graph, one mask read per
+op, and the exact contract already tested for ``gm``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LdbfxError
+from .module import LdbGraphModule
+
+__all__ = ["install", "uninstall", "installed"]
+
+
+class _RoutedForward:
+    """The installed ``model.forward``: ``gm`` when gradients are on, else the original."""
+
+    def __init__(self, gm: LdbGraphModule, original):
+        self.gm, self.original = gm, original
+        # The captured inputs, and no **kwargs: Hugging Face's Trainer keeps exactly these dataset
+        # columns and does not pass loss kwargs (num_items_in_batch) the graph was not captured with.
+        self.__signature__ = inspect.signature(gm.forward)
+        self.__name__ = self.__qualname__ = "forward"
+        self.__doc__ = getattr(original, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.original(*args, **kwargs)
+        try:
+            self.__signature__.bind(*args, **kwargs)
+        except TypeError as cause:
+            raise LdbfxError(
+                f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional) "
+                f"that the captured graph does not take ({cause}): the graph takes exactly the "
+                f"inputs of the example batch given to ldbfx.transform: {self.__signature__}. "
+                "Transform again with an example batch that has these inputs, or "
+                "ldbfx.uninstall(model)") from None
+        return self.gm(*args, **kwargs)
+
+    def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules
+        return _RoutedForward(copy.deepcopy(self.gm, memo), copy.deepcopy(self.original, memo))
+
+
+#: Hugging Face's switches for activation checkpointing (the second is the v5 name).
+_CHECKPOINTING = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+
+
+def _refuse_checkpointing(*args, **kwargs):
+    raise LdbfxError(
+        "gradient checkpointing cannot be enabled while an ldbfx graph is installed: the captured "
+        "graph does not checkpoint, so activation memory would silently stay as without it. "
+        "Call ldbfx.uninstall(model) first (and train without ldbfx), or train without "
+        "gradient_checkpointing")
+
+
+def _loss_kwargs_targets(model: nn.Module) -> list[nn.Module]:
+    """The model, and PEFT's base model: where Trainer looks for ``accepts_loss_kwargs``."""
+    targets = [model]
+    base = getattr(model, "get_base_model", None)
+    if callable(base) and isinstance(base(), nn.Module) and base() is not model:
+        targets.append(base())
+    return targets
+
+
+def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
+    """Makes ``model.forward`` train through ``gm`` (transformed from ``model``).
+
+    After this, anything that calls the model (Hugging Face ``Trainer``, a plain loop, PEFT's
+    wrapper) trains through the rewritten graph while ``model`` stays the same object:
+    ``save_pretrained``, ``generate`` and ``state_dict`` work as before. With gradients on, the
+    call must pass exactly the example batch's inputs; without gradients, the original forward
+    runs (same values). Trainer no longer passes ``num_items_in_batch`` (the graph has no such
+    input), so with gradient accumulation it averages the loss per micro-batch.
+    ``model.gradient_checkpointing_enable()`` is refused while installed.
+
+    Args:
+        model: the model given to :func:`ldbfx.transform`.
+        gm: the module it returned.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        LdbfxError: ``gm`` was not transformed from ``model``, or a graph is already installed.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> gm = ldbfx.transform(model)
+        >>> ldbfx.install(model, gm) is model
+        True
+        >>> ldbfx.set_dropped(gm, ["4"])
+        >>> model(torch.randn(2, 4)).sum().backward()   # through gm: layer 4 skips its dW
+        >>> model[4].weight.grad is None
+        True
+        >>> ldbfx.uninstall(model)
+    """
+    if not isinstance(gm, LdbGraphModule):
+        raise TypeError(f"install expects the module returned by ldbfx.transform, got {type(gm).__name__}")
+    if installed(model) is not None:
+        raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
+    mine = dict(model.named_parameters())
+    if any(mine.get(name) is not p for name, p in gm.named_parameters()):
+        raise LdbfxError("gm was not transformed from this model (its parameters are not the "
+                         "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
+    saved = {"forward": model.__dict__.get("forward")}
+    model.forward = _RoutedForward(gm, model.forward)
+    for name in _CHECKPOINTING:
+        model.__dict__[name] = _refuse_checkpointing
+    for target in _loss_kwargs_targets(model):
+        saved.setdefault("accepts_loss_kwargs", []).append((target, target.__dict__.get("accepts_loss_kwargs")))
+        target.__dict__["accepts_loss_kwargs"] = False
+    model.__dict__["_ldbfx_installed"] = saved
+    return model
+
+
+def installed(model: nn.Module) -> LdbGraphModule | None:
+    """The graph installed on ``model`` by :func:`install`, or None."""
+    forward = model.__dict__.get("forward")
+    return forward.gm if isinstance(forward, _RoutedForward) else None
+
+
+def uninstall(model: nn.Module) -> None:
+    """Restores ``model``'s own ``forward`` (and what :func:`install` changed). No-op if none."""
+    saved: dict[str, Any] | None = model.__dict__.pop("_ldbfx_installed", None)
+    if saved is None:
+        return
+    model.__dict__.pop("forward", None)
+    if saved["forward"] is not None:
+        model.__dict__["forward"] = saved["forward"]
+    for name in _CHECKPOINTING:
+        model.__dict__.pop(name, None)
+    for target, value in saved.get("accepts_loss_kwargs", []):
+        target.__dict__.pop("accepts_loss_kwargs", None)
+        if value is not None:
+            target.__dict__["accepts_loss_kwargs"] = value

@@ -1,0 +1,415 @@
+"""Hugging Face transformers through the torch.export front end (tiny random configs, no downloads).
+
+The same contract as the FX front end (tests/contract.py): outputs bit for bit in train and eval
+mode, shared parameters and state_dict keys, eligibility, FLOPs equal to freezing, kept gradients
+equal to the frozen reference. Plus what Hugging Face users rely on: tied weights, changing
+sequence lengths, install() with save_pretrained/generate, the Trainer callback, PEFT LoRA.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import ldbfx
+
+transformers = pytest.importorskip("transformers")
+
+from contract import (  # noqa: E402
+    assert_close_to_scale,
+    check_eligibility,
+    check_flops,
+    check_gradients,
+    check_optimizer,
+    check_outputs,
+    pick_dropped,
+)
+
+VOCAB = 64
+
+
+def llama(tied: bool = True, layers: int = 1):
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+        tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config)
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     use_cache=False)
+    return transformers.GPT2LMHeadModel(config)  # Conv1D (addmm), lm_head tied to wte
+
+
+def bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def vit():
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=3)
+    return transformers.ViTForImageClassification(config)
+
+
+def tokens(batch=2, length=16, seed=0):
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+CASES = {
+    "llama": (lambda: llama(layers=2), lambda: tokens()),
+    "gpt2": (gpt2, lambda: tokens()),
+    "bert": (bert, lambda: {**tokens(), "labels": torch.tensor([0, 2])}),
+    "vit": (vit, lambda: {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([0, 2])}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    make_model, make_inputs = CASES[request.param]
+    torch.manual_seed(0)
+    model = make_model()
+    inputs = make_inputs()
+    gm = ldbfx.transform(model, example_kwargs=inputs)
+    return request.param, model, gm, inputs
+
+
+def exported(model, inputs):
+    """The untransformed export of ``model`` in train mode (the same kernels as ldbfx's graph)."""
+    model.train()
+    return torch.export.export(model, (), {k: v.clone() for k, v in inputs.items()}, strict=False).module()
+
+
+def test_contract(case):
+    name, model, gm, inputs = case
+    check_outputs(model, gm, inputs)  # dropout in BERT/ViT: same RNG draws, train and eval graphs
+    check_eligibility(gm)
+    assert list(gm.state_dict()) == list(model.state_dict())
+    params = dict(model.named_parameters())
+    assert all(params[n] is p for n, p in gm.named_parameters())
+    modules = dict(model.named_modules())
+    for layer in ldbfx.layers(gm):  # named by the model's own module paths
+        assert layer.name in modules or layer.name in params, layer.name
+    full, frozen, dropped = check_flops(model, gm, inputs, rel=0.0)
+    assert dropped < full
+    check_gradients(model, gm, inputs, pick_dropped(gm, 0.5), reference=exported(model, inputs))
+    check_optimizer(model, gm, inputs, pick_dropped(gm, 0.5, seed=1),
+                    lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1))
+
+
+def test_projections_really_skip_their_weight_gradient(case):
+    name, model, gm, inputs = case
+    kinds = {l.name: l for l in ldbfx.layers(gm)}
+    projections = [l for l in kinds.values() if l.kind in ("linear", "matmul") and l.eligible]
+    assert len(projections) >= 7 and all(l.saves_compute for l in projections)  # attention, MLP
+
+
+def test_tied_weights_are_one_layer(case):
+    name, model, gm, inputs = case
+    if name not in ("llama", "gpt2"):
+        pytest.skip("no tied weights")
+    embedding = "model.embed_tokens.weight" if name == "llama" else "transformer.wte.weight"
+    layer = next(l for l in ldbfx.layers(gm) if embedding in l.params)
+    assert layer.params == (embedding,) and layer.kind == "embedding+linear"
+    assert not any(l.name == "lm_head" for l in ldbfx.layers(gm))
+
+
+def test_compiled_path_functions_match_eager(case):
+    # The autograd Functions torch.compile runs (mask read at backward), here without compiling:
+    # kept gradients equal the eager path's to the gradient's scale, dropped ones are zero.
+    name, model, gm, inputs = case
+    drop = pick_dropped(gm, 0.5, seed=2)
+    ldbfx.set_dropped(gm, drop)
+    try:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        gm(**inputs).loss.backward()
+        eager = {n: p.grad for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with ldbfx.ops.compiled_path():
+            gm(**inputs).loss.backward()
+    finally:
+        ldbfx.set_dropped(gm, [])
+    for n, p in model.named_parameters():
+        if eager[n] is None:
+            assert p.grad is None or not p.grad.any(), n
+        else:
+            assert_close_to_scale(p.grad, eager[n], what=n)
+
+
+def test_aliased_example_inputs_are_not_merged():
+    # labels=input_ids (the very same tensor) is how causal-LM batches are often built; export
+    # would read one placeholder for both, and later batches with other labels would be wrong.
+    model = llama()
+    ids = tokens()["input_ids"]
+    gm = ldbfx.transform(model, example_kwargs={"input_ids": ids, "labels": ids})
+    other = tokens(seed=1)
+    batch = {"input_ids": other["input_ids"], "labels": torch.roll(other["labels"], 1, dims=1)}
+    model.eval(), gm.eval()
+    assert torch.equal(gm(**batch).loss, model(**batch).loss)
+
+
+def test_changing_shapes_need_no_new_capture():
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens(batch=2, length=16))
+    ldbfx.set_dropped(gm, [l for l in ldbfx.layers(gm) if l.eligible][:3])
+    for batch, length in ((4, 16), (2, 9), (3, 23)):  # the last smaller batch, shorter sequences
+        inputs = tokens(batch, length, seed=length)
+        torch.manual_seed(0)
+        out = gm(**inputs)
+        out.loss.backward()
+        assert out.logits.shape == (batch, length, VOCAB)
+        model.eval(), gm.eval()
+        assert torch.equal(gm(**inputs).logits, model(**inputs).logits)
+        model.train(), gm.train()
+
+
+def test_static_shapes_refuse_other_shapes():
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens(), dynamic_shapes=None)
+    with pytest.raises(Exception, match="(?i)guard|shape|size"):
+        gm(**tokens(length=9))
+
+
+@pytest.mark.slow
+def test_compiled_once_over_masks_and_sequence_lengths():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = llama(layers=1)
+    gm = ldbfx.transform(model, example_kwargs=tokens(), keep_first=1)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True, dynamic=True)
+    eligible = [l for l in ldbfx.layers(gm) if l.eligible]
+    params = dict(model.named_parameters())
+    for drop, length in ((eligible[:3], 16), (eligible[3:], 16), ([], 12), (eligible[::2], 9)):
+        ldbfx.set_dropped(gm, drop)
+        inputs = tokens(length=length, seed=length)
+        model.zero_grad(set_to_none=True)
+        compiled(**inputs).loss.backward()
+        got = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        gm(**inputs).loss.backward()  # eager reference with the same mask
+        for name, p in params.items():
+            if any(name in l.params for l in drop):
+                assert not got[name].any() and p.grad is None, name
+            else:  # compiled and eager kernels round differently: the gradient's scale
+                assert (got[name] - p.grad).abs().max() <= 2e-3 * p.grad.abs().max() + 1e-6, name
+    assert counter.frame_count == 1, "changing the mask or the sequence length must not recompile"
+    torch._dynamo.reset()
+
+
+def test_export_errors_name_the_fix():
+    model = llama()
+    model.config.use_cache = True  # returns a DynamicCache, which export cannot return
+    with pytest.raises(ldbfx.TraceError, match="use_cache = False"):
+        ldbfx.transform(model, example_kwargs=tokens())
+    model = llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ldbfx.TraceError, match="gradient_checkpointing_disable"):
+        ldbfx.transform(model, example_kwargs=tokens())
+    with pytest.raises(TypeError, match="leaf_modules.*torch.export"):
+        ldbfx.transform(llama(), example_kwargs=tokens(), leaf_modules=[torch.nn.Linear])
+
+
+def test_fx_failure_suggests_an_example_batch():
+    with pytest.raises(ldbfx.TraceError, match="example_kwargs"):
+        ldbfx.transform(llama())  # HF models no longer trace with torch.fx (transformers v5)
+
+
+def test_summary_and_inspection_on_exported_models():
+    model = bert()
+    inputs = CASES["bert"][1]()
+    gm = ldbfx.transform(model, example_kwargs=inputs)
+    text = ldbfx.summary(gm, print_fn=lambda s: None, **inputs)  # with the FLOP column
+    row = next(line for line in text.splitlines() if "bert.encoder.layer.0.attention.self.query " in line)
+    assert row.split()[-1].endswith("%") and float(row.split()[-1][:-1]) > 0
+    report = ldbfx.inspect.weight_grad_flops(gm, **inputs)
+    eligible = [l for l in ldbfx.layers(gm) if l.eligible]
+    full, frozen, _ = check_flops(model, gm, inputs, rel=0.0)
+    # Dropping every eligible layer skips exactly the dW FLOPs the report attributes to them.
+    assert full - frozen == sum(report.weight_grad[l.index] for l in eligible)
+    graph = ldbfx.to_networkx(gm)
+    assert graph.number_of_nodes() == len(ldbfx.layers(gm))
+
+
+# ------------------------------------------------------------------------------------------
+# The model object: install(), save_pretrained, generate, deepcopy
+# ------------------------------------------------------------------------------------------
+def test_install_trains_through_the_graph_and_keeps_the_model(tmp_path):
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    assert ldbfx.install(model, gm) is model and ldbfx.installed(model) is gm
+    drop = [l for l in ldbfx.layers(gm) if l.eligible][:4]
+    ldbfx.set_dropped(gm, drop)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for l in drop for n in l.params}
+    model(**tokens()).loss.backward()
+    opt.step()
+    for name, value in before.items():
+        assert params[name].grad is None and torch.equal(params[name], value), name
+    assert not torch.equal(params["model.norm.weight"], torch.ones_like(params["model.norm.weight"]))
+
+    model.save_pretrained(tmp_path)  # the trained weights, under the model's own keys
+    loaded = type(model).from_pretrained(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    prompt = tokens()["input_ids"][:1, :4]  # generate: no gradients, the original forward (KV cache)
+    with torch.no_grad():
+        model.eval()
+        assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 7)
+    model.train()
+    with pytest.raises(ldbfx.LdbfxError, match="example batch"):
+        model(input_ids=prompt, token_type_ids=prompt)  # an input the graph was not captured with
+    with pytest.raises(ldbfx.LdbfxError, match="gradient checkpointing"):
+        model.gradient_checkpointing_enable()
+
+    copied = copy.deepcopy(model)  # routes to a copy of the graph over the copy's own modules
+    assert ldbfx.installed(copied) is not gm
+    assert ldbfx.installed(copied).get_parameter("lm_head.weight") is copied.lm_head.weight
+    ldbfx.uninstall(model)
+    assert ldbfx.installed(model) is None and "forward" not in model.__dict__
+
+
+def test_install_refuses_a_graph_of_another_model():
+    gm = ldbfx.transform(llama(), example_kwargs=tokens())
+    with pytest.raises(ldbfx.LdbfxError, match="not transformed from this model"):
+        ldbfx.install(llama(), gm)
+
+
+# ------------------------------------------------------------------------------------------
+# Trainer callback
+# ------------------------------------------------------------------------------------------
+def _dataset(n=48, length=16):
+    rows = []
+    for i in range(n):  # learnable: arithmetic progressions of tokens
+        ids = (torch.arange(length) * (1 + i % 3) + i) % VOCAB
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long),
+                     "labels": ids.clone()})
+    return rows
+
+
+def _trainer(model, callbacks, out, epochs=3):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=epochs,
+        learning_rate=3e-3, logging_steps=6, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, seed=0)
+    return transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+
+
+class _DroppedStayUnchanged(transformers.TrainerCallback):
+    """Checks, at every optimizer step, that the layers dropped for it did not move."""
+
+    def __init__(self, ldb_callback, model):
+        self.ldb, self.params, self.checked = ldb_callback, dict(model.named_parameters()), 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        names = [p for l in ldbfx.layers(self.ldb.gm) if l.name in self.ldb.policy.dropped for p in l.params]
+        self.before = {n: self.params[n].detach().clone() for n in names}
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for name, value in self.before.items():
+            assert torch.equal(self.params[name], value), name
+        self.checked += len(self.before)
+
+
+def test_trainer_callback_runs_layer_dropback(tmp_path):
+    from ldbfx.hf import LdbCallback
+
+    torch.manual_seed(0)
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs={k: v[:2] for k, v in
+                                                 torch.utils.data.default_collate(_dataset()[:2]).items()})
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=1, kappa=1)
+    checker = _DroppedStayUnchanged(callback, model)
+    trainer = _trainer(model, [callback, checker], tmp_path)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    stats = callback.policy.stats
+    assert stats["steps_full"] == 6 and stats["steps_drop"] == 12  # epoch 0 full, 1 and 2 DROP
+    assert 0.3 < stats["actual_drop_rate"] < 0.7 and checker.checked > 0
+    assert ldbfx.dropped(gm) == ()  # training ended: full backprop restored
+
+
+def test_trainer_callback_runs_channel_dropback(tmp_path):
+    from ldbfx.hf import LdbCallback
+
+    torch.manual_seed(0)
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.ChannelDropBack, channel_rate=0.5, seed=0)
+    trainer = _trainer(model, [callback], tmp_path, epochs=2)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    stats = callback.policy.stats
+    assert stats["steps"] == 12 and stats["layers_per_step"] == 1 and 0.4 < stats["actual_channel_rate"] < 0.6
+
+
+def test_trainer_callback_refuses_what_it_cannot_do(tmp_path):
+    from ldbfx.hf import LdbCallback
+
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    with pytest.raises(ldbfx.LdbfxError, match="kappa=1"):
+        LdbCallback(gm, ldbfx.LayerDropBack)  # default kappa=2: larger DROP batches
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
+    with pytest.raises(ldbfx.LdbfxError, match="ldbfx.install"):  # not installed: silently full
+        _trainer(model, [callback], tmp_path, epochs=1).train()
+
+
+# ------------------------------------------------------------------------------------------
+# PEFT
+# ------------------------------------------------------------------------------------------
+def test_peft_lora_adapters_are_the_layers():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(llama(tied=False, layers=2), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    inputs = tokens()
+    gm = ldbfx.transform(model, example_kwargs=inputs)
+    layers = ldbfx.layers(gm)
+    check_eligibility(gm)
+    assert all(("lora_" in l.name) == (l.reason != "frozen") for l in layers)
+    assert sum(l.eligible for l in layers) == 8 - 4 - 1
+    check_gradients(model, gm, inputs, pick_dropped(gm, 0.5), reference=exported(model, inputs))
+    ldbfx.install(model, gm)
+    drop = [l for l in layers if l.eligible][:2]
+    ldbfx.set_dropped(gm, drop)
+    model.zero_grad(set_to_none=True)
+    model(**inputs).loss.backward()
+    for name, p in model.named_parameters():
+        dropped = any(name in l.params for l in drop)
+        assert (p.grad is None) == (dropped or not p.requires_grad), name
+
+
+def test_cli_inspects_a_tiny_hugging_face_model(capsys):
+    from ldbfx.cli import main
+
+    assert main(["inspect", "hf:gpt2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["transformer.h.1.mlp.c_fc"])
+    assert "addmm" in row and "yes" in row  # GPT-2's Conv1D: an eligible layer that saves dW
+    assert main(["inspect", "hf:no_such_model"]) == 2
+    assert "unknown Hugging Face model type" in capsys.readouterr().err
+
+
+def test_the_trainer_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "'steps_drop': 12" in out  # epochs 2 of 0-3 is the DROP epoch (period 2): 12 steps
