@@ -150,3 +150,15 @@ def test_learn_and_drop_compiled_head_matches_eager():
         assert got.keys() == want.keys() and "conv1.weight" not in got
         for name, g in want.items():
             _close(got[name], g)
+
+
+def test_mask_reading_ops_are_kept_out_of_cuda_graphs():
+    # Each ldbfx custom op reads the CPU mask on the host to choose its kernels: one recorded in
+    # a CUDA graph (mode="reduce-overhead") would replay a stale choice. The tag is what makes
+    # Inductor leave them out; tests/test_cuda.py checks the gradients on a GPU.
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("torch < 2.9 has no cudagraph_unsafe tag")
+    names = ["linear_weight_grad", "conv_backward", "embedding_weight_grad", "masked_grad"]
+    for name in names:
+        op = getattr(torch.ops.ldbfx, name).default
+        assert torch.Tag.cudagraph_unsafe in op.tags, name

@@ -22,7 +22,14 @@ from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selectio
 # layout copies around them (the prototype in the core issue measured +27% on a channels_last
 # CNN backward without them).
 # --------------------------------------------------------------------------------------------
-_TAGS = (torch.Tag.flexible_layout,)
+#
+# ``cudagraph_unsafe``: each of these decides on the host, from the CPU mask, what to compute. A
+# CUDA graph recorded around one (``torch.compile(mode="reduce-overhead")``) would replay the
+# branch taken while recording, and gradients would be silently stale when the mask changes. The
+# tag makes Inductor keep them out of CUDA graphs (a partition boundary, or no CUDA graph for that
+# region). It exists from torch 2.9; older versions get only the first tag.
+_TAGS = (torch.Tag.flexible_layout,) + tuple(
+    tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
 @torch.library.custom_op("ldbfx::linear_weight_grad", mutates_args=(), tags=_TAGS)

@@ -1,0 +1,143 @@
+"""On a CUDA device: gradients over changing masks in every compiled mode, bf16, channels_last, a
+policy's step. Skipped on machines without one (CI); run them where a GPU is lent:
+``python -m pytest -q tests/test_cuda.py``.
+
+GPU kernels may accumulate with atomics (cuDNN weight-gradient algorithms, split-K matmuls), so two
+runs of even the same kernels can differ in the last bits: every comparison here uses the
+tolerance on the tensor's scale (``contract.assert_close_to_scale``), never bitwise equality.
+"""
+
+import random
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+import ldbfx
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+from contract import assert_close_to_scale  # noqa: E402
+
+MODELS = {
+    "cnn": (lambda: torchvision.models.resnet18(num_classes=10), (8, 3, 64, 64)),
+    "transformer": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                              hidden_dim=64, mlp_dim=128, num_classes=10), (8, 3, 32, 32)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # TF32 would make fp32 matmuls and convolutions differ between compiled and eager far beyond
+    # rounding; the comparisons are about which gradients are computed, not TF32's precision.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _setup(kind, channels_last=False):
+    make, shape = MODELS[kind]
+    torch.manual_seed(0)
+    model = make().cuda()
+    x = torch.randn(*shape, device="cuda")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    return model, ldbfx.transform(model), x
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _masks(gm, count=4):
+    eligible = [l for l in ldbfx.layers(gm) if l.eligible]
+    rng = random.Random(0)
+    return [[l for l in eligible if rng.random() < 0.5] for _ in range(count)]
+
+
+def _check(model, drop, got, want, rel):
+    dropped = {p for l in drop for p in l.params}
+    for name in dropped:
+        assert name not in got or not got[name].any(), f"{name}: a dropped layer got a gradient"
+    for name, g in want.items():
+        assert_close_to_scale(got[name], g, rel, what=name)
+
+
+@pytest.mark.parametrize("mode", ["eager", "default", "reduce-overhead", "max-autotune"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_gradients_follow_changing_masks(kind, mode):
+    # reduce-overhead and max-autotune record CUDA graphs: a stale replay of the mask-dependent
+    # ops would give the first mask's gradients for every later mask. Each mask is checked.
+    model, gm, x = _setup(kind)
+    run = gm if mode == "eager" else torch.compile(gm, mode=mode)
+    for drop in _masks(gm):
+        ldbfx.set_dropped(gm, drop)
+        model.zero_grad(set_to_none=True)
+        if mode != "eager":
+            torch.compiler.cudagraph_mark_step_begin()
+        run(x).square().mean().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        gm(x).square().mean().backward()  # eager reference with the same mask
+        _check(model, drop, got, _grads(model), rel=2e-3)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_bf16_autocast_kept_gradients_match_freezing(kind):
+    model, gm, x = _setup(kind)
+    drop = _masks(gm, 1)[0]
+    params = dict(model.named_parameters())
+    frozen = {p for l in drop for p in l.params}
+    for name in frozen:
+        params[name].requires_grad_(False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x).float().square().mean().backward()
+    for name in frozen:
+        params[name].requires_grad_(True)
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ldbfx.set_dropped(gm, drop)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gm(x).float().square().mean().backward()
+    got = _grads(model)
+    assert all(p.grad is None for n, p in params.items() if n in frozen)
+    _check(model, drop, got, want, rel=1e-2)  # bf16: 8 mantissa bits
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_channels_last_cnn(compiled):
+    model, gm, x = _setup("cnn", channels_last=True)
+    run = torch.compile(gm) if compiled else gm
+    for drop in _masks(gm, 2):
+        ldbfx.set_dropped(gm, drop)
+        model.zero_grad(set_to_none=True)
+        run(x).square().mean().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        gm(x).square().mean().backward()
+        _check(model, drop, got, _grads(model), rel=2e-3)
+
+
+def test_layer_dropback_step_leaves_dropped_layers_unchanged():
+    model, gm, x = _setup("cnn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    policy = ldbfx.LayerDropBack(gm, opt, drop_rate=0.5, period=1, kappa=1)
+    params = dict(model.named_parameters())
+    for epoch in range(2):
+        policy.start_epoch(epoch)
+        for _ in range(3):
+            names = [p for l in ldbfx.layers(gm) if l.name in policy.dropped for p in l.params]
+            before = {n: params[n].detach().clone() for n in names}
+            opt.zero_grad()
+            gm(x).square().mean().backward()
+            opt.step()
+            policy.step()
+            for name, value in before.items():
+                assert torch.equal(params[name], value), name
+        policy.end_epoch()
+    assert policy.stats["steps_drop"] == 3 and policy.stats["layers_dropped"] > 0
