@@ -33,8 +33,8 @@ __all__ = ["install", "uninstall", "installed"]
 class _RoutedForward:
     """The installed ``model.forward``: ``gm`` when gradients are on, else the original."""
 
-    def __init__(self, gm: LdbGraphModule, original):
-        self.gm, self.original = gm, original
+    def __init__(self, gm: LdbGraphModule, original, model: nn.Module):
+        self.gm, self.original, self.model = gm, original, model
         # The captured inputs, and no **kwargs: Hugging Face's Trainer keeps exactly these dataset
         # columns and does not pass loss kwargs (num_items_in_batch) the graph was not captured with.
         self.__signature__ = inspect.signature(gm.forward)
@@ -53,10 +53,14 @@ class _RoutedForward:
                 f"inputs of the example batch given to ldbfx.transform: {self.__signature__}. "
                 "Transform again with an example batch that has these inputs, or "
                 "ldbfx.uninstall(model)") from None
+        # gm is its own root module: model.train()/eval() set the shared children's flags but
+        # not gm's, which picks the train or eval graph. Follow the model's mode.
+        self.gm.training = self.model.training
         return self.gm(*args, **kwargs)
 
     def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules
-        return _RoutedForward(copy.deepcopy(self.gm, memo), copy.deepcopy(self.original, memo))
+        return _RoutedForward(copy.deepcopy(self.gm, memo), copy.deepcopy(self.original, memo),
+                              copy.deepcopy(self.model, memo))
 
 
 #: Hugging Face's switches for activation checkpointing (the second is the v5 name).
@@ -122,7 +126,7 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
     saved = {"forward": model.__dict__.get("forward")}
-    model.forward = _RoutedForward(gm, model.forward)
+    model.forward = _RoutedForward(gm, model.forward, model)
     for name in _CHECKPOINTING:
         model.__dict__[name] = _refuse_checkpointing
     for target in _loss_kwargs_targets(model):
