@@ -33,6 +33,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .handlers import has_hooks
 from .trace import TracedModel, _refuse_global_hooks
 
 __all__ = ["export_model", "auto_dynamic_shapes"]
@@ -167,6 +168,15 @@ def export_model(
             f"{type(model).__qualname__} has gradient checkpointing on: the captured graph would "
             "not checkpoint (activation memory would silently grow). Call "
             "model.gradient_checkpointing_disable() before ldbfx.transform")
+    hooked = [name or type(model).__qualname__ for name, m in model.named_modules() if has_hooks(m)]
+    if hooked:
+        # Export runs forward (and its hooks) once, at capture: the graph then holds whatever the
+        # hooks computed, and they would never run again. Refused, as the FX front end refuses
+        # hooks on the modules it inlines.
+        raise TraceError(
+            f"module(s) {', '.join(hooked[:5])} have forward or backward hooks: torch.export runs them "
+            "once while capturing and the graph never runs them again. Remove the hooks before "
+            "ldbfx.transform (with an example batch, every module is inlined)")
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train()

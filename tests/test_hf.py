@@ -214,6 +214,10 @@ def test_export_errors_name_the_fix():
     model.gradient_checkpointing_enable()
     with pytest.raises(ldbfx.TraceError, match="gradient_checkpointing_disable"):
         ldbfx.transform(model, example_kwargs=tokens())
+    model = llama()
+    model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(ldbfx.TraceError, match="model.layers.0.mlp have forward or backward hooks"):
+        ldbfx.transform(model, example_kwargs=tokens())
     with pytest.raises(TypeError, match="leaf_modules.*torch.export"):
         ldbfx.transform(llama(), example_kwargs=tokens(), leaf_modules=[torch.nn.Linear])
 
@@ -277,6 +281,24 @@ def test_install_trains_through_the_graph_and_keeps_the_model(tmp_path):
     assert ldbfx.installed(copied).get_parameter("lm_head.weight") is copied.lm_head.weight
     ldbfx.uninstall(model)
     assert ldbfx.installed(model) is None and "forward" not in model.__dict__
+
+
+def test_installed_graph_follows_the_models_mode():
+    # BERT has dropout: its train and eval graphs differ. model.eval() must select the eval graph
+    # for a call with gradients (which runs gm), or dropout would silently stay on.
+    model = bert()
+    inputs = CASES["bert"][1]()
+    gm = ldbfx.transform(model, example_kwargs=inputs)
+    ldbfx.install(model, gm)
+    model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits  # the model's own forward, eval mode
+    got = model(**inputs).logits  # gradients on: through gm
+    assert got.requires_grad and torch.equal(got.detach(), want)
+    model.train()
+    torch.manual_seed(0)
+    train = model(**inputs).logits
+    assert not torch.equal(train.detach(), want)  # dropout on again
 
 
 def test_install_refuses_a_graph_of_another_model():
