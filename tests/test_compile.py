@@ -158,7 +158,32 @@ def test_mask_reading_ops_are_kept_out_of_cuda_graphs():
     # Inductor leave them out; tests/test_cuda.py checks the gradients on a GPU.
     if not hasattr(torch.Tag, "cudagraph_unsafe"):
         pytest.skip("torch < 2.9 has no cudagraph_unsafe tag")
-    names = ["linear_weight_grad", "conv_backward", "embedding_weight_grad", "masked_grad"]
-    for name in names:
-        op = getattr(torch.ops.ldbfx, name).default
-        assert torch.Tag.cudagraph_unsafe in op.tags, name
+    from ldbfx.ops.kernels import KERNELS
+
+    for mechanism, kernels in KERNELS.items():
+        for name, op in kernels.items():
+            op = getattr(op, "_opoverload", op)  # custom_op's CustomOpDef wraps the OpOverload
+            assert torch.Tag.cudagraph_unsafe in op.tags, (mechanism, name)
+
+
+def test_compiled_path_mechanisms_agree():
+    # Both mechanisms (Library.define/impl, the default, and @custom_op) call the same Python
+    # kernels with the same aten calls: the gradients are those of the same kernels, bitwise.
+    from ldbfx.ops import path
+
+    model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
+    drop = [l for l in ldbfx.layers(ldbfx.transform(model)) if l.eligible][::3]
+    grads = {}
+    for mechanism in path.MECHANISMS:
+        gm = ldbfx.transform(model)
+        ldbfx.set_dropped(gm, drop)
+        with path.using_mechanism(mechanism):
+            model.zero_grad(set_to_none=True)
+            torch.compile(gm, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+        grads[mechanism] = _grads(model)
+        assert all(not grads[mechanism][name].any() for l in drop for name in l.params)  # zeros until step()
+    library, custom_op = grads["library"], grads["custom_op"]
+    assert library.keys() == custom_op.keys()
+    assert all(torch.equal(library[n], custom_op[n]) for n in library)
+    with pytest.raises(ValueError, match="unknown compiled-path mechanism"):
+        path.using_mechanism("cond")

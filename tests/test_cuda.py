@@ -141,3 +141,51 @@ def test_layer_dropback_step_leaves_dropped_layers_unchanged():
                 assert torch.equal(params[name], value), name
         policy.end_epoch()
     assert policy.stats["steps_drop"] == 3 and policy.stats["layers_dropped"] > 0
+
+
+def _nccl_rank(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from test_distributed import BATCH, data, make_model, train
+    from torch import nn
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    model = make_model().cuda()
+    gm = ldbfx.transform(model, keep_first=1)
+    net = nn.parallel.DistributedDataParallel(gm, device_ids=[rank])  # plain wrap: no ldbfx call
+    shard = BATCH // world
+    batches = [(x[rank * shard:(rank + 1) * shard].cuda(), y[rank * shard:(rank + 1) * shard].cuda())
+               for x, y in data()]
+    masks, unchanged = [], []
+    train(gm, model, net, batches, masks, unchanged=unchanged)
+    params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    torch.save({"params": params, "masks": masks, "unchanged": unchanged, "dense": gm.ldbfx_state.dense},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                    reason="needs NCCL")
+def test_nccl_ddp_on_every_gpu_matches_one_process(tmp_path):
+    # As tests/test_distributed.py does with gloo on the CPU, on every GPU there is (one is enough:
+    # DDP's reducer and NCCL still run). BATCH is split between the ranks, so each world size
+    # reproduces the one-process run on the whole batch.
+    from test_distributed import BATCH, _spawn, data, make_model, train
+
+    world = max(d for d in range(1, torch.cuda.device_count() + 1) if BATCH % d == 0)
+    _spawn(_nccl_rank, world, str(tmp_path / "init"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    model = make_model().cuda()
+    gm = ldbfx.transform(model, keep_first=1)
+    masks = []
+    train(gm, model, gm, [(x.cuda(), y.cuda()) for x, y in data()], masks)
+    assert all(r["masks"] == masks for r in ranks) and all(masks)
+    assert all(r["dense"] for r in ranks), "eager DDP turns dense gradients on by itself"
+    assert all(all(r["unchanged"]) for r in ranks), "a dropped layer moved under DDP"
+    for name, p in model.named_parameters():
+        for r in ranks:  # all-reduced gradients: rounding differs from one process, within tolerance
+            assert_close_to_scale(r["params"][name], p.detach().cpu(), 1e-4, what=name)

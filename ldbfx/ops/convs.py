@@ -5,10 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import _conv_backward
-from .path import (_CONV, _autocast, _detach, _dropped_output, _is_dropped, _mask_read_at_backward,
-                   _needs_grad)
+from .kernels import kernel
+from .path import (
+    _CONV,
+    _aten,
+    _autocast,
+    _detach,
+    _dropped_output,
+    _is_dropped,
+    _mask_read_at_backward,
+    _needs_grad,
+)
 from .rows import _ConvRows, row_selection
+
 
 class _Conv(torch.autograd.Function):
     """Compiled path of :func:`conv`."""
@@ -29,8 +38,18 @@ class _Conv(torch.autograd.Function):
         want_bias = ctx.with_bias and ctx.needs_input_grad[2]
         if not (want_x or want_weight or want_bias):
             return None, None, None, None, None, None, None, None, None
-        gx, gw, gb = _conv_backward(grad, x, weight, mask, ctx.index, stride, padding, dilation,
-                                    groups, want_x, want_weight, want_bias)
+        # dX is an ordinary aten call in the graph, so Inductor gives it the layouts it gives the
+        # untransformed model's (channels_last after its layout optimisation); only dW and db go
+        # through the mask-reading kernel. With one kernel call for both, the convolution backward
+        # ran slower than the ideal's on CPU ResNet-50 (docs/design.md): an opaque op's inputs get
+        # no layout constraint, and they arrived in mixed layouts.
+        gx = gw = gb = None
+        if want_x:
+            gx = _aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                            [0] * len(stride), groups, [True, False, False])[0]
+        if want_weight or want_bias:
+            _, gw, gb = kernel("conv_backward")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
+                                                groups, False, want_weight, want_bias)
         return (gx if want_x else None, gw if want_weight else None, gb if want_bias else None,
                 None, None, None, None, None, None)
 

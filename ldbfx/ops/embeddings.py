@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import _embedding_weight_grad
+from .kernels import kernel
 from .path import _dropped_output, _is_dropped, _mask_read_at_backward, _needs_grad
+
 
 # --------------------------------------------------------------------------------------------
 # Embedding: the weight gradient is the op's whole backward.
@@ -33,7 +34,7 @@ class _Embedding(torch.autograd.Function):
         indices, mask = ctx.saved_tensors
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = _embedding_weight_grad(grad, indices, mask, ctx.index, ctx.num_weights,
+            grad_w = kernel("embedding_weight_grad")(grad, indices, mask, ctx.index, ctx.num_weights,
                                             ctx.padding_idx, ctx.scale_grad_by_freq)
         return None, grad_w, None, None, None, None
 

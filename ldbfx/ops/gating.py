@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import _masked_grad
-from .path import _dense, _dropped_output, _is_dropped, _mask_read_at_backward, _needs_grad
+from .kernels import kernel
+from .path import (
+    _dense,
+    _dropped_output,
+    _is_dropped,
+    _mask_read_at_backward,
+    _needs_grad,
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Any other use of a parameter: gate its gradient. The consuming op still computes it (norms,
@@ -26,7 +33,7 @@ class _MaskedParam(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return _masked_grad(grad, mask, ctx.index), None, None
+        return kernel("masked_grad")(grad, mask, ctx.index), None, None
 
 
 def masked_param(param: Tensor, mask: Tensor, index: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""The custom ops of the compiled path: they read the mask when the backward *runs*.
+"""The kernels (torch.library ops) of the compiled path: they read the mask when the backward *runs*.
 
 A dropped layer's kernel returns zeros without computing them and records the skip in the model's
 state (what the optimizer hook then leaves untouched); a kept layer's computes its weight gradient
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..state import state_of
+from . import path
 from .path import _aten
 from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selection
 
@@ -32,8 +33,7 @@ _TAGS = (torch.Tag.flexible_layout,) + tuple(
     tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
-@torch.library.custom_op("ldbfx::linear_weight_grad", mutates_args=(), tags=_TAGS)
-def _linear_weight_grad(
+def _linear_weight_grad_impl(
     grad2d: Tensor, x2d: Tensor, mask: Tensor, index: int, with_bias: bool
 ) -> tuple[Tensor, Tensor]:
     out_features = grad2d.shape[1] if with_bias else 0
@@ -48,15 +48,13 @@ def _linear_weight_grad(
     return grad2d.t().mm(x2d), grad_bias
 
 
-@_linear_weight_grad.register_fake
-def _(grad2d, x2d, mask, index, with_bias):
+def _linear_weight_grad_fake(grad2d, x2d, mask, index, with_bias):
     return grad2d.new_empty(grad2d.shape[1], x2d.shape[1]), grad2d.new_empty(
         grad2d.shape[1] if with_bias else 0
     )
 
 
-@torch.library.custom_op("ldbfx::conv_backward", mutates_args=(), tags=_TAGS)
-def _conv_backward(
+def _conv_backward_impl(
     grad: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -70,9 +68,9 @@ def _conv_backward(
     want_weight: bool,
     with_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The whole convolution backward in one call, as aten does it (computing dX and dW in two
-    calls measured slower on CPU), with dW and db skipped when the layer is dropped. Outputs not
-    wanted come back empty."""
+    """A convolution's backward with dW and db skipped when the layer is dropped; outputs not
+    wanted come back empty. The compiled path asks it for dW and db only (``want_input=False``)
+    and computes dX with an ordinary ``convolution_backward`` in the graph (see ``ops.convs``)."""
     keep = not bool(mask[index])
     if not keep and (want_weight or with_bias):
         state_of(mask).record_skipped(index)
@@ -101,15 +99,14 @@ def _conv_backward(
     return gx, gw, gb
 
 
-@_conv_backward.register_fake
-def _(grad, x, weight, mask, index, stride, padding, dilation, groups, want_input, want_weight, with_bias):
+def _conv_backward_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_input, want_weight,
+                       with_bias):
     return (torch.empty_like(x) if want_input else grad.new_empty(0),
             torch.empty_like(weight) if want_weight else grad.new_empty(0),
             grad.new_empty(weight.shape[0]) if with_bias else grad.new_empty(0))
 
 
-@torch.library.custom_op("ldbfx::embedding_weight_grad", mutates_args=(), tags=_TAGS)
-def _embedding_weight_grad(
+def _embedding_weight_grad_impl(
     grad: Tensor, indices: Tensor, mask: Tensor, index: int, num_weights: int,
     padding_idx: int, scale_grad_by_freq: bool,
 ) -> Tensor:
@@ -121,19 +118,59 @@ def _embedding_weight_grad(
     ).contiguous()
 
 
-@_embedding_weight_grad.register_fake
-def _(grad, indices, mask, index, num_weights, padding_idx, scale_grad_by_freq):
+def _embedding_weight_grad_fake(grad, indices, mask, index, num_weights, padding_idx, scale_grad_by_freq):
     return grad.new_empty(num_weights, grad.shape[-1])
 
 
-@torch.library.custom_op("ldbfx::masked_grad", mutates_args=(), tags=_TAGS)
-def _masked_grad(grad: Tensor, mask: Tensor, index: int) -> Tensor:
+def _masked_grad_impl(grad: Tensor, mask: Tensor, index: int) -> Tensor:
     if bool(mask[index]):
         state_of(mask).record_skipped(index)
         return torch.zeros_like(grad)
     return grad.clone()
 
 
-@_masked_grad.register_fake
-def _(grad, mask, index):
+def _masked_grad_fake(grad, mask, index):
     return torch.empty_like(grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Registration. Two mechanisms run the same Python bodies (docs/design.md compares them):
+#
+# * ``library`` (the default): ``torch.library.Library.define`` + ``impl`` + ``register_fake``.
+#   The dispatcher calls the body directly: about 6 us per call.
+# * ``custom_op``: ``@torch.library.custom_op``, the documented high-level API. Its Python wrapper
+#   (schema checks, autograd registration) costs about 17 us per call.
+#
+# The compiled backward calls one of these per layer and step, so on a GPU, where a layer's
+# kernels take tens of microseconds, the difference is visible.
+# --------------------------------------------------------------------------------------------
+_SCHEMAS = {
+    "linear_weight_grad": ("(Tensor grad2d, Tensor x2d, Tensor mask, int index, bool with_bias) -> (Tensor, Tensor)",
+                           _linear_weight_grad_impl, _linear_weight_grad_fake),
+    "conv_backward": (("(Tensor grad, Tensor x, Tensor weight, Tensor mask, int index, int[] stride, int[] padding, "
+                       "int[] dilation, int groups, bool want_input, bool want_weight, bool with_bias) "
+                       "-> (Tensor, Tensor, Tensor)"), _conv_backward_impl, _conv_backward_fake),
+    "embedding_weight_grad": (("(Tensor grad, Tensor indices, Tensor mask, int index, int num_weights, "
+                               "int padding_idx, bool scale_grad_by_freq) -> Tensor"),
+                              _embedding_weight_grad_impl, _embedding_weight_grad_fake),
+    "masked_grad": ("(Tensor grad, Tensor mask, int index) -> Tensor", _masked_grad_impl, _masked_grad_fake),
+}
+
+_LIB = torch.library.Library("ldbfx", "FRAGMENT")
+#: mechanism -> kernel name -> the op the compiled backward calls.
+KERNELS: dict[str, dict[str, object]] = {"library": {}, "custom_op": {}}
+for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
+    _LIB.define(_name + _schema, tags=_TAGS)
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"ldbfx::{_name}", _fake, lib=_LIB)
+    KERNELS["library"][_name] = getattr(torch.ops.ldbfx, _name).default
+    _op = torch.library.custom_op(f"ldbfx::{_name}_custom_op", _impl, mutates_args=(), schema=_schema,
+                                  tags=_TAGS)
+    _op.register_fake(_fake)
+    KERNELS["custom_op"][_name] = _op
+del _name, _schema, _impl, _fake, _op
+
+
+def kernel(name: str):
+    """The op ``name`` of the compiled-path mechanism in use (read when the backward is traced)."""
+    return KERNELS[path.mechanism()][name]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import _linear_weight_grad
+from .kernels import kernel
 from .path import (
     _autocast,
     _detach,
@@ -47,7 +47,7 @@ class _Linear(torch.autograd.Function):
         want_weight = ctx.needs_input_grad[1]
         want_bias = ctx.with_bias and ctx.needs_input_grad[2]
         if want_weight or want_bias:
-            grad_w, grad_b = _linear_weight_grad(
+            grad_w, grad_b = kernel("linear_weight_grad")(
                 grad2d, x.reshape(-1, x.shape[-1]), mask, ctx.index, want_bias
             )
             grad_w = grad_w.t() if ctx.transposed else grad_w

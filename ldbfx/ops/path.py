@@ -91,6 +91,41 @@ class compiled_path:
 
 opaque_path = compiled_path  # the name before 2026-12-01
 
+#: How the compiled backward calls its mask-reading kernels (:data:`ldbfx.ops.kernels.KERNELS`):
+#: ``library`` (``Library.define``/``impl``, the default) or ``custom_op``
+#: (``@torch.library.custom_op``). Read when a graph is traced; benchmarks compare them.
+MECHANISMS = ("library", "custom_op")
+_mechanism = "library"
+
+
+def mechanism() -> str:
+    """The compiled-path mechanism new traces use."""
+    return _mechanism
+
+
+class using_mechanism:
+    """Context manager: trace (compile) with another compiled-path mechanism, for comparisons.
+
+    Example:
+        >>> from ldbfx.ops import path
+        >>> with path.using_mechanism("custom_op"):
+        ...     path.mechanism()
+        'custom_op'
+    """
+
+    def __init__(self, name: str):
+        if name not in MECHANISMS:
+            raise ValueError(f"unknown compiled-path mechanism {name!r}; choose one of {MECHANISMS}")
+        self.name = name
+
+    def __enter__(self):
+        global _mechanism
+        self._previous, _mechanism = _mechanism, self.name
+
+    def __exit__(self, *exc):
+        global _mechanism
+        _mechanism = self._previous
+
 
 def _is_dropped(mask: Tensor, index: int) -> bool:
     # Eager only: a CPU tensor read, about a microsecond.

@@ -1,0 +1,153 @@
+"""Does the compiled path save *time*, not only FLOPs? ldbfx under ``torch.compile`` vs the ideal.
+
+    python benchmarks/compiled_path.py --models resnet50 vit_b_16 --resolution 64 --batch 16 \
+        --rounds 15 --out benchmarks/results/compiled-path.json
+
+Per model, compiled once each with Inductor and timed in one process:
+
+* ``baseline``: the untransformed model, full backprop;
+* ``ideal``: the same model with the dropped layers' parameters frozen (``requires_grad=False``),
+  compiled for that one mask (a second guarded graph);
+* ``ldbfx0`` / ``ldbfx``: the transformed model compiled once, with nothing dropped / with
+  ``--fraction`` of the eligible layers dropped (the same random subset as the ideal's);
+* with ``--mechanisms A B``: ``ldbfx0`` and ``ldbfx`` once per compiled-path mechanism
+  (``ldbfx.ops.path.MECHANISMS``), each on its own transformed model and compile.
+
+A step is ``zero_grad`` (set to None) + forward + cross-entropy + backward. Each round runs every
+variant for one warm-up step and ``--steps`` timed steps, in an order rotated per round; the
+minimum over rounds is kept (interference on a shared machine only adds time). Reported: the
+ideal's saving and ldbfx's over the baseline, ldbfx's share of the ideal's saving (target >= 90%),
+and the cost with nothing dropped (target <= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ldbfx
+from ldbfx.bench import make_model, run_meta
+from ldbfx.ops import path as ops_path
+
+
+def bench(name: str, args) -> dict:
+    torch.manual_seed(0)
+    model = make_model(name, args.resolution)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution)
+    y = torch.randint(0, 1000, (args.batch,))
+    params = list(model.parameters())
+    named = dict(model.named_parameters())
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+
+    mechanisms = args.mechanisms or [ops_path.mechanism()]
+    models = {}
+    for mech in mechanisms:
+        with ops_path.using_mechanism(mech):
+            models[mech] = ldbfx.transform(model)
+    gm = models[mechanisms[0]]
+    eligible = [layer for layer in ldbfx.layers(gm) if layer.eligible]
+    order = list(range(len(eligible)))
+    random.Random(0).shuffle(order)
+    drop = [eligible[i] for i in sorted(order[: round(args.fraction * len(eligible))])]
+    drop_params = [named[p] for layer in drop for p in layer.params]
+
+    def freeze(flag):
+        for p in drop_params:
+            p.requires_grad_(not flag)
+
+    compiled_base = torch.compile(model)
+    variants = {"baseline": (compiled_base, None, lambda: None, lambda: None),
+                "ideal": (compiled_base, None, lambda: freeze(True), lambda: freeze(False))}
+    for mech, g in models.items():
+        compiled = torch.compile(g)
+        suffix = "" if len(models) == 1 else f"[{mech}]"
+        variants["ldbfx0" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, []), lambda: None)
+        variants["ldbfx" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, drop),
+                                      lambda g=g: ldbfx.set_dropped(g, []))
+
+    def step(module):
+        for p in params:
+            p.grad = None
+        F.cross_entropy(module(x), y).backward()
+
+    def run(variant, steps):
+        module, mech, setup, undo = variants[variant]
+        setup()
+        with ops_path.using_mechanism(mech or ops_path.mechanism()):
+            step(module)  # warm-up (the first call compiles)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(module)
+            elapsed = (time.perf_counter() - start) / max(steps, 1)
+        undo()
+        return elapsed
+
+    compile_s = {}
+    for variant in variants:
+        start = time.perf_counter()
+        run(variant, 0)
+        compile_s[variant] = round(time.perf_counter() - start, 1)
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            times[n].append(run(n, args.steps))
+    best = {n: min(t) for n, t in times.items()}
+    base, ideal = best["baseline"], best["ideal"]
+    row = {"model": name, "layers_eligible": len(eligible), "layers_dropped": len(drop),
+           "ms": {n: round(1e3 * t, 1) for n, t in best.items()}, "compile_s": compile_s,
+           "ideal_saving": 1 - ideal / base}
+    for n in names[2:]:
+        if n.startswith("ldbfx0"):
+            row[f"{n}_cost"] = best[n] / base - 1
+        else:
+            row[f"{n}_saving"] = 1 - best[n] / base
+            row[f"{n}_share_of_ideal"] = row[f"{n}_saving"] / row["ideal_saving"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def report(rows) -> list[str]:
+    lines = []
+    for r in rows:
+        for key, value in r.items():
+            if key.endswith("_share_of_ideal"):
+                lines.append(f"{r['model']}: {key[:-15]} saves {100 * r[key[:-15] + '_saving']:.1f}% vs ideal "
+                             f"{100 * r['ideal_saving']:.1f}% -> {100 * value:.0f}% of ideal (target 90%) "
+                             f"{'PASS' if value >= 0.9 else 'FAIL'}")
+            elif key.endswith("_cost"):
+                lines.append(f"{r['model']}: {key[:-5]} costs {100 * value:+.1f}% with nothing dropped "
+                             f"(target 5%) {'PASS' if value <= 0.05 else 'FAIL'}")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--fraction", type=float, default=0.3, help="share of the eligible layers dropped")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round and variant")
+    parser.add_argument("--mechanisms", nargs="*", default=None,
+                        help=f"compiled-path mechanisms to compare (of {list(ops_path.MECHANISMS)})")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    rows = [bench(name, args) for name in args.models]
+    lines = report(rows)
+    print("\n".join(lines))
+    if args.out:
+        meta = run_meta("cpu") | {"args": vars(args)}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "checks": lines}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
