@@ -138,8 +138,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and variant")
     parser.add_argument("--mechanisms", nargs="*", default=None,
                         help=f"compiled-path mechanisms to compare (of {list(ops_path.MECHANISMS)})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 leaves the VM's other core to interference)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [bench(name, args) for name in args.models]
     lines = report(rows)
     print("\n".join(lines))

@@ -169,7 +169,7 @@ def _nccl_rank(rank, world, init_file, out_dir):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
-                    reason="needs NCCL")
+                    reason="needs a CUDA device and NCCL")
 def test_nccl_ddp_on_every_gpu_matches_one_process(tmp_path):
     # As tests/test_distributed.py does with gloo on the CPU, on every GPU there is (one is enough:
     # DDP's reducer and NCCL still run). BATCH is split between the ranks, so each world size
