@@ -48,8 +48,8 @@ class _Conv(torch.autograd.Function):
             gx = _aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
                                             [0] * len(stride), groups, [True, False, False])[0]
         if want_weight or want_bias:
-            _, gw, gb = kernel("conv_backward")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
-                                                groups, False, want_weight, want_bias)
+            gw, gb = kernel("conv_weight_grad")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
+                                                groups, want_weight, want_bias)
         return (gx if want_x else None, gw if want_weight else None, gb if want_bias else None,
                 None, None, None, None, None, None)
 

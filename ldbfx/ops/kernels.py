@@ -54,7 +54,7 @@ def _linear_weight_grad_fake(grad2d, x2d, mask, index, with_bias):
     )
 
 
-def _conv_backward_impl(
+def _conv_weight_grad_impl(
     grad: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -64,45 +64,31 @@ def _conv_backward_impl(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
-    want_input: bool,
     want_weight: bool,
     with_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """A convolution's backward with dW and db skipped when the layer is dropped; outputs not
-    wanted come back empty. The compiled path asks it for dW and db only (``want_input=False``)
-    and computes dX with an ordinary ``convolution_backward`` in the graph (see ``ops.convs``)."""
-    keep = not bool(mask[index])
-    if not keep and (want_weight or with_bias):
+) -> tuple[Tensor, Tensor]:
+    """A convolution's dW and db, not computed when the layer is dropped; outputs not wanted come
+    back empty. dX is an ordinary ``convolution_backward`` in the graph (see ``ops.convs``)."""
+    if bool(mask[index]):
         state_of(mask).record_skipped(index)
-    rows = row_selection(mask, index) if keep else None
-    gx, gw, gb = _aten.convolution_backward(
-        grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
-        False, [0] * len(stride), groups,
-        [want_input, want_weight and keep and rows is None, with_bias and keep and rows is None],
-    )
-    if rows is not None and (want_weight or with_bias):
+        return (torch.zeros_like(weight) if want_weight else grad.new_empty(0),
+                grad.new_zeros(weight.shape[0]) if with_bias else grad.new_empty(0))
+    rows = row_selection(mask, index)
+    if rows is not None:
         gw, gb = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows, with_bias)
-    if gx is None:  # unwanted outputs: distinct empty tensors (outputs may not alias)
-        gx = grad.new_empty(0)
-    elif gx.stride() != x.stride():  # match the fake's layout (empty_like(x))
-        gx = torch.empty_like(x).copy_(gx)
+    else:
+        _, gw, gb = _aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, [False, want_weight, with_bias])
     if not want_weight:
-        gw = grad.new_empty(0)
-    elif gw is None:
-        gw = torch.zeros_like(weight)
-    elif gw.stride() != weight.stride():
+        gw = grad.new_empty(0)  # distinct empty tensors: outputs may not alias
+    elif gw.stride() != weight.stride():  # match the fake's layout (empty_like(weight))
         gw = torch.empty_like(weight).copy_(gw)
-    if not with_bias:
-        gb = grad.new_empty(0)
-    elif gb is None:
-        gb = grad.new_zeros(weight.shape[0])
-    return gx, gw, gb
+    return gw, gb if with_bias else grad.new_empty(0)
 
 
-def _conv_backward_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_input, want_weight,
-                       with_bias):
-    return (torch.empty_like(x) if want_input else grad.new_empty(0),
-            torch.empty_like(weight) if want_weight else grad.new_empty(0),
+def _conv_weight_grad_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_weight, with_bias):
+    return (torch.empty_like(weight) if want_weight else grad.new_empty(0),
             grad.new_empty(weight.shape[0]) if with_bias else grad.new_empty(0))
 
 
@@ -147,9 +133,9 @@ def _masked_grad_fake(grad, mask, index):
 _SCHEMAS = {
     "linear_weight_grad": ("(Tensor grad2d, Tensor x2d, Tensor mask, int index, bool with_bias) -> (Tensor, Tensor)",
                            _linear_weight_grad_impl, _linear_weight_grad_fake),
-    "conv_backward": (("(Tensor grad, Tensor x, Tensor weight, Tensor mask, int index, int[] stride, int[] padding, "
-                       "int[] dilation, int groups, bool want_input, bool want_weight, bool with_bias) "
-                       "-> (Tensor, Tensor, Tensor)"), _conv_backward_impl, _conv_backward_fake),
+    "conv_weight_grad": (("(Tensor grad, Tensor x, Tensor weight, Tensor mask, int index, int[] stride, "
+                          "int[] padding, int[] dilation, int groups, bool want_weight, bool with_bias) "
+                          "-> (Tensor, Tensor)"), _conv_weight_grad_impl, _conv_weight_grad_fake),
     "embedding_weight_grad": (("(Tensor grad, Tensor indices, Tensor mask, int index, int num_weights, "
                                "int padding_idx, bool scale_grad_by_freq) -> Tensor"),
                               _embedding_weight_grad_impl, _embedding_weight_grad_fake),
