@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy_seeds.py --seeds 0 1 2 3 4 --policies ldb --out seeds.json
     python benchmarks/accuracy_seeds.py --seeds 0 1 2 3 4 --policies cdb learn-and-drop --out seeds4.json
+    python benchmarks/accuracy_seeds.py --seeds 0 1 2 3 4 --policies ldb dropbp --out seeds-dropbp.json
 
 Each seed trains the baseline and every policy with the demo's defaults (ResNet-18, 8 epochs,
 batch 64; LDB drop_rate 0.3, period 2, kappa 2; CDB channel_rate 0.5, one layer per step;
@@ -23,6 +24,7 @@ POLICY_OPTIONS = {
     "ldb": {},
     "cdb": {"channel_rate": 0.5},
     "learn-and-drop": {"warmup_epochs": 2, "cache": "memory"},
+    "dropbp": {"drop_rate": 0.5},  # every step, each eligible residual branch with p = 0.5
 }
 
 

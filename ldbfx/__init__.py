@@ -9,13 +9,14 @@ Example:
 """
 
 from . import distributed
+from .branches import Branch, BranchNotFoundError, branches, dropped_branches, set_dropped_branches
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
 from .inspect import summary, to_networkx
 from .install import install, installed, uninstall
 from .layers import Layer, layers
 from .mask import dropped, frozen_rows, set_dropped, set_frozen_rows
 from .module import LdbGraphModule
-from .policies import ChannelDropBack, LayerDropBack, LearnAndDrop
+from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
 from .rewrite import TransformConfig, transform
 
 __version__ = "0.1.0"
@@ -30,11 +31,17 @@ __all__ = [
     "dropped",
     "set_frozen_rows",
     "frozen_rows",
+    "branches",
+    "set_dropped_branches",
+    "dropped_branches",
+    "Branch",
+    "BranchNotFoundError",
     "summary",
     "to_networkx",
     "LayerDropBack",
     "ChannelDropBack",
     "LearnAndDrop",
+    "DropBP",
     "Layer",
     "LdbGraphModule",
     "TransformConfig",

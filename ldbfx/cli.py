@@ -128,6 +128,10 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cdb-dim", type=int, choices=[0, 1], default=0, help="0: output channels, 1: input channels")
     g.add_argument("--cdb-selection", choices=["one", "independent"], default="one",
                    help="one layer per step (paper) or every layer independently (authors' code)")
+    g = p.add_argument_group("DropBP policy (--policy dropbp; --drop-rate is the branches' rate)")
+    g.add_argument("--dropbp-allocation", choices=["uniform", "sensitivity"], default="uniform",
+                   help="every branch at --drop-rate, or rates allocated by gradient sensitivity at 10%% of "
+                        "the epochs for the same FLOPs")
     g = p.add_argument_group("Learn&Drop policy (--policy learn-and-drop)")
     g.add_argument("--warmup-epochs", type=_number(int, 0), default=2, help="epochs before the first freezing decision")
     g.add_argument("--cache", choices=["memory", "disk"], default=None,
@@ -161,7 +165,7 @@ def _config(args, **overrides):
         lr_scale=args.lr_scale, resample=args.resample, layer_rate=args.layer_rate,
         channel_rate=args.channel_rate, cdb_schedule=args.cdb_schedule, milestones=tuple(args.milestones),
         cdb_dim=args.cdb_dim, cdb_selection=args.cdb_selection, warmup_epochs=args.warmup_epochs,
-        cache=args.cache, max_steps_per_epoch=args.max_steps,
+        cache=args.cache, max_steps_per_epoch=args.max_steps, dropbp_allocation=args.dropbp_allocation,
         skip_dropped_allreduce=args.skip_dropped_allreduce,
     )
     fields.update(overrides)
@@ -265,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=["digits", "cifar10", "cifar100", "imagefolder"], default="digits",
                    help="dataset; all but digits read local files from --data-dir (never downloaded)")
     p.add_argument("--data-dir", default=None, help="where the dataset's files are")
-    p.add_argument("--policy", choices=["none", "ldb", "cdb", "learn-and-drop"], default="ldb",
-                   help="training policy: LayerDropBack, ChannelDropBack or Learn&Drop")
+    p.add_argument("--policy", choices=["none", "ldb", "cdb", "learn-and-drop", "dropbp"], default="ldb",
+                   help="training policy: LayerDropBack, ChannelDropBack, Learn&Drop or DropBP (branch drop)")
     _add_run_options(p, epochs=10, batch_size=64)
     p.add_argument("--out", default="ldbfx-out", help="directory for log.json and log.csv")
     p.add_argument("--checkpoint", default=None, help="save model/optimizer/scheduler/policy here every epoch")

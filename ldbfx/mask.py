@@ -67,6 +67,13 @@ def _clear_skipped_grads(optimizer, args, kwargs) -> None:
         state.clear_skipped_grads(held)
 
 
+def _ensure_skip_hook() -> None:
+    """Registers the global optimizer pre-hook that clears skipped layers' gradients (once)."""
+    global _hook_handle
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_clear_skipped_grads)
+
+
 def _check(gm: object) -> LdbGraphModule:
     if not isinstance(gm, LdbGraphModule):
         raise TypeError(
@@ -121,14 +128,13 @@ def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None
         ('4', '5')
         >>> ldbfx.set_dropped(gm, [])
     """
-    global _hook_handle
     gm = _check(gm)
     if isinstance(layers, (str, int, Layer)):
         layers = [layers]
     indices = tuple(sorted({_index(gm, layer) for layer in layers}))
     gm.ldbfx_state.set_dropped(indices)
-    if indices and _hook_handle is None:
-        _hook_handle = register_optimizer_step_pre_hook(_clear_skipped_grads)
+    if indices:
+        _ensure_skip_hook()
 
 
 def dropped(gm: LdbGraphModule) -> tuple[str, ...]:

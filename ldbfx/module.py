@@ -13,10 +13,11 @@ from torch import fx, nn
 from .state import LdbState
 
 if TYPE_CHECKING:
+    from .branches import Branch
     from .layers import Layer
     from .rewrite import TransformConfig
 
-__all__ = ["LdbGraphModule", "MASK_ATTR"]
+__all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR"]
 
 
 def _inside_ddp() -> bool:
@@ -40,6 +41,8 @@ def _cuda_graph_capture_error() -> Exception:
 #: Attribute holding the CPU bool mask (``True`` = layer dropped). A plain attribute, not a
 #: buffer: ``.to("cuda")`` must leave it on the CPU, where reading it costs no device sync.
 MASK_ATTR = "_ldbfx_mask"
+#: Attribute holding the :class:`~ldbfx.state.LdbState`; the branch gates read it (``ops.branch``).
+STATE_ATTR = "ldbfx_state"
 
 
 def _param_ref(model: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
@@ -69,15 +72,17 @@ class LdbGraphModule(fx.GraphModule):
     def __init__(self, model: nn.Module, graph: fx.Graph, eval_graph: fx.Graph | None,
                  constants: dict[str, torch.Tensor], layers: tuple[Layer, ...],
                  edges: tuple[tuple[int, int], ...], config: TransformConfig,
-                 attributes: dict[str, object] | None = None):
+                 attributes: dict[str, object] | None = None, branches: tuple[Branch, ...] = (),
+                 branch_layers: tuple[tuple[int, ...], ...] = ()):
         # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
         # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
         # must find the parameters the optimizer holds now, not those seen at transform time.
-        state = LdbState(tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers))
+        state = LdbState(tuple(tuple(_param_ref(model, p) for p in layer.params) for layer in layers),
+                         branch_layers)
         mask = state.mask
         attributes = dict(attributes or {})
         modules = {k: v for k, v in attributes.items() if isinstance(v, nn.Module)}
-        lookup = {**constants, **modules, MASK_ATTR: mask}
+        lookup = {**constants, **modules, MASK_ATTR: mask, STATE_ATTR: state}
         targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
                    if n.op in ("get_attr", "call_module")}
         self.__dict__["_ldbfx_eval_graph"] = eval_graph  # read by recompile() during __init__
@@ -107,6 +112,7 @@ class LdbGraphModule(fx.GraphModule):
         #: The run-time state (mask, skipped layers, rows, dense mode): :class:`ldbfx.state.LdbState`.
         self.__dict__["ldbfx_state"] = state
         self.ldbfx_layers = layers
+        self.ldbfx_branches = branches
         self.ldbfx_edges = edges
         self.ldbfx_config = config
         self._ldbfx_index = {layer.name: layer.index for layer in layers}

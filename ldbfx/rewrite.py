@@ -26,6 +26,7 @@ from typing import Any
 from torch import fx, nn
 
 from . import ops
+from .branches import Branch, build_branches, insert_gates, plan_branches
 from .errors import NoEligibleLayerWarning
 from .handlers import GENERIC_PARAM, param_of
 from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
@@ -45,14 +46,23 @@ class TransformConfig:
         filter: ``(module, name) -> bool``; layers for which it returns False always train.
             ``module`` is the leaf module called, or the module owning the parameter for a
             functional use. Default: ``None`` (no filter).
+        keep_first_blocks: residual branches of the first blocks that always train. Default: ``1``.
+        keep_last_blocks: residual branches of the last blocks that always train. Default: ``1``.
+        branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it returns False always
+            train. Default: ``None``.
     """
 
     keep_first: int = 4
     keep_last: int = 1
     filter: Filter | None = None
+    keep_first_blocks: int = 1
+    keep_last_blocks: int = 1
+    branch_filter: Callable[[Branch], bool] | None = None
 
     def __post_init__(self):
-        for name in ("keep_first", "keep_last"):
+        if self.branch_filter is not None and not callable(self.branch_filter):
+            raise TypeError(f"branch_filter must be a callable (ldbfx.Branch) -> bool, got {self.branch_filter!r}")
+        for name in ("keep_first", "keep_last", "keep_first_blocks", "keep_last_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -125,6 +135,9 @@ def transform(
     keep_first: int = 4,
     keep_last: int = 1,
     filter: Filter | None = None,
+    keep_first_blocks: int = 1,
+    keep_last_blocks: int = 1,
+    branch_filter: Callable[[Branch], bool] | None = None,
     tracer_class: type[fx.Tracer] | None = None,
     tracer_kwargs: dict[str, Any] | None = None,
     leaf_modules: Iterable[type | str] = (),
@@ -152,6 +165,11 @@ def transform(
         keep_first: the first layers (topological order) that always train. Default: ``4``.
         keep_last: the last layers that always train. Default: ``1``.
         filter: ``(module, name) -> bool``; layers for which it is False always train.
+            Default: ``None``.
+        keep_first_blocks: the first blocks whose residual branches always train (see
+            :func:`ldbfx.branches`). Default: ``1``.
+        keep_last_blocks: the last blocks whose residual branches always train. Default: ``1``.
+        branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it is False always train.
             Default: ``None``.
         tracer_class: a ``torch.fx.Tracer`` subclass to use instead of ldbfx's. Default: ``None``.
         tracer_kwargs: keyword arguments for ``tracer_class``. Default: ``None``.
@@ -188,7 +206,8 @@ def transform(
         >>> ids = torch.randint(0, 100, (2, 16))  # doctest: +SKIP
         >>> gm = ldbfx.transform(llama, example_kwargs={"input_ids": ids, "labels": ids})  # doctest: +SKIP
     """
-    config = TransformConfig(keep_first, keep_last, filter)
+    config = TransformConfig(keep_first, keep_last, filter, keep_first_blocks, keep_last_blocks,
+                             branch_filter)
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LdbGraphModule):
@@ -215,12 +234,23 @@ def transform(
     layers = build_layers(plans, model, keep_first=config.keep_first, keep_last=config.keep_last,
                           filter=config.filter)
     edges = layer_edges(traced.train_graph, plans)
+    branch_plans = plan_branches(traced.train_graph, plans)
+    branch_records = build_branches(branch_plans, layers, keep_first_blocks=config.keep_first_blocks,
+                                    keep_last_blocks=config.keep_last_blocks, filter=config.branch_filter)
+    gated = [b.index if b.eligible else None for b in branch_records]
     _rewrite(traced.train_graph, model, plans, _index_by_position(plans))
+    insert_gates(traced.train_graph, branch_plans, gated, model)
     if traced.eval_graph is not None:
         layer_of_param = {i: index for index, plan in enumerate(plans) for i in plan.param_ids}
         eval_plans = plan_layers(traced.eval_graph, model)
-        _rewrite(traced.eval_graph, model, eval_plans,
-                 lambda plan: layer_of_param.get(plan.param_ids[0]))
+        eval_index = lambda plan: layer_of_param.get(plan.param_ids[0])  # noqa: E731
+        # The same branch in the other mode's graph: the same layers inside (by parameters).
+        by_layers = {b.layers: g for b, g in zip(branch_plans, gated) if g is not None}
+        eval_branches = plan_branches(traced.eval_graph, eval_plans)
+        eval_gated = [by_layers.get(tuple(eval_index(eval_plans[i]) for i in b.layers))
+                      for b in eval_branches]
+        _rewrite(traced.eval_graph, model, eval_plans, eval_index)
+        insert_gates(traced.eval_graph, eval_branches, eval_gated, model)
     if not any(layer.eligible for layer in layers):
         warnings.warn(
             f"ldbfx.transform found no eligible layer in {type(model).__name__} "
@@ -230,7 +260,8 @@ def transform(
             NoEligibleLayerWarning, stacklevel=2,
         )
     return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
-                          edges, config, traced.attributes)
+                          edges, config, traced.attributes, branch_records,
+                          tuple(b.inner for b in branch_plans))
 
 
 def _index_by_position(plans: list[LayerPlan]) -> Callable[[LayerPlan], int]:

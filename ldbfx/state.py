@@ -70,9 +70,17 @@ class LdbState:
         rows: layer index -> :class:`RowSelection` (ChannelDropBack).
         rows_exact: whether the optimizer hooks restore frozen slices bit for bit.
         dense: dropped layers report zero gradients (DDP); ``dense_auto``: DDP may turn it on.
+        branch_mask: CPU bool tensor, one entry per residual branch (:mod:`ldbfx.branches`),
+            ``True`` = its output is detached. Mutated in place; read by ``ops.branch``.
+        branch_layers: per branch, the layers all of whose nodes lie inside it (what a dropped
+            branch leaves without gradient).
+        dropped_branches: indices of the branches in ``branch_mask`` now.
+        branch_cut: whether a compiled forward splits before each gated add (set by the first
+            non-empty :meth:`set_dropped_branches`, never cleared: one recompile, ever).
     """
 
-    def __init__(self, param_refs: tuple[tuple[ParamRef, ...], ...]):
+    def __init__(self, param_refs: tuple[tuple[ParamRef, ...], ...],
+                 branch_layers: tuple[tuple[int, ...], ...] = ()):
         self.id = next(_IDS)
         self.mask = torch.zeros(len(param_refs), dtype=torch.bool)
         self.mask._ldbfx_state_id = self.id
@@ -83,6 +91,10 @@ class LdbState:
         self.rows_exact = True
         self.dense = False
         self.dense_auto = True
+        self.branch_layers = branch_layers
+        self.branch_mask = torch.zeros(len(branch_layers), dtype=torch.bool)
+        self.dropped_branches: tuple[int, ...] = ()
+        self.branch_cut = False
         _STATES[self.id] = self
 
     # -- layers ---------------------------------------------------------------------------------
@@ -123,6 +135,26 @@ class LdbState:
                     p.grad = None
         self.skipped.difference_update(done)
 
+    # -- branches ---------------------------------------------------------------------------------
+    def set_dropped_branches(self, indices: tuple[int, ...]) -> None:
+        """Writes the branch mask; a non-empty one also turns ``branch_cut`` on for good."""
+        self.branch_mask.zero_()
+        if indices:
+            self.branch_mask[list(indices)] = True
+            self.branch_cut = True
+        self.dropped_branches = indices
+
+    def record_branch(self, index: int) -> None:
+        """A forward detached branch ``index``: its inner layers' updates are skipped."""
+        layers = self.branch_layers[index]
+        if layers:
+            self.skipped.update(layers)
+            _ACTIVE.add(self)
+
+    def branch_params(self, index: int) -> tuple[nn.Parameter, ...]:
+        """The trainable parameters of branch ``index``'s inner layers (dense mode's zeros)."""
+        return tuple(p for i in self.branch_layers[index] for p in self.params(i) if p.requires_grad)
+
     # -- row selections ---------------------------------------------------------------------------
     def set_rows(self, rows: dict[int, RowSelection], exact: bool) -> None:
         self.rows, self.rows_exact = rows, exact
@@ -142,9 +174,11 @@ class LdbState:
         the same drops, rows and modes, on its own modules (``memo`` maps them)."""
         import copy
 
-        result = LdbState(copy.deepcopy(self.param_refs, memo))
+        result = LdbState(copy.deepcopy(self.param_refs, memo), self.branch_layers)
         memo[id(self)] = result
         result.set_dropped(self.dropped)
+        result.set_dropped_branches(self.dropped_branches)
+        result.branch_cut = self.branch_cut
         result.skipped = set(self.skipped)
         result.set_rows(copy.deepcopy(self.rows, memo), self.rows_exact)
         result.dense, result.dense_auto = self.dense, self.dense_auto

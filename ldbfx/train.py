@@ -31,12 +31,12 @@ from .distributed import skip_dropped_allreduce
 from .errors import LdbfxError
 from .inspect import weight_grad_flops
 from .layers import layers as _layers
-from .policies import ChannelDropBack, LayerDropBack, LearnAndDrop
+from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
 from .rewrite import transform
 
 __all__ = ["TrainConfig", "build_model", "train", "POLICIES"]
 
-POLICIES = ("none", "ldb", "cdb", "learn-and-drop")
+POLICIES = ("none", "ldb", "cdb", "learn-and-drop", "dropbp")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TrainConfig:
     data_dir: str | None = None
     model: str = "resnet18"
     image_size: int = 32
-    policy: str = "ldb"  # "none" | "ldb" | "cdb" | "learn-and-drop"
+    policy: str = "ldb"  # "none" | "ldb" | "cdb" | "learn-and-drop" | "dropbp"
     drop_rate: float = 0.3
     period: int = 2
     kappa: float = 2.0
@@ -60,6 +60,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     cdb_dim: int = 0
     cdb_selection: str = "one"
+    # DropBP (drop_rate: the branches' rate)
+    dropbp_allocation: str = "uniform"  # "uniform" | "sensitivity" (allocated at 10% of the epochs)
     # Learn&Drop
     warmup_epochs: int = 2
     cache: str | None = None  # None | "memory" | "disk"
@@ -83,6 +85,8 @@ class TrainConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         self.milestones = tuple(self.milestones)
+        if self.dropbp_allocation not in ("uniform", "sensitivity"):
+            raise ValueError(f"dropbp_allocation must be 'uniform' or 'sensitivity', got {self.dropbp_allocation!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -240,6 +244,9 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     elif config.policy == "learn-and-drop":
         policy = LearnAndDrop(net, optimizer, warmup_epochs=config.warmup_epochs, cache=config.cache,
                               num_samples=len(splits.train), compile_head=config.compile)
+    elif config.policy == "dropbp":
+        policy = DropBP(net, optimizer, drop_rate=config.drop_rate, allocation=config.dropbp_allocation,
+                        seed=config.seed)
     if policy is not None:
         layers = _layers(net)
         result.layers_total, result.layers_eligible = len(layers), sum(l.eligible for l in layers)
@@ -262,7 +269,14 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         raise LdbfxError("Learn&Drop's feature cache trains the head outside DistributedDataParallel: "
                          "run torchrun jobs without --cache")
     wrapped = trainable = comm = compiled = compiled_for = None
+    allocate_at = math.ceil(0.1 * config.epochs)  # DropBP's sensitivity allocation: ~10% of training
     for epoch in range(start_epoch, config.epochs):
+        if isinstance(policy, DropBP) and config.dropbp_allocation == "sensitivity" \
+                and policy.sensitivity is None and epoch >= allocate_at:
+            n = min(config.batch_size, len(splits.train))
+            probe_x = torch.stack([splits.train[i][0] for i in range(n)]).to(config.device)
+            probe_y = torch.tensor([int(splits.train[i][1]) for i in range(n)], device=config.device)
+            policy.allocate(lambda: F.cross_entropy(net(probe_x), probe_y))
         if policy is not None:
             policy.start_epoch(epoch)
         if world.size > 1 and trainable != (now := tuple(p.requires_grad for p in model.parameters())):
@@ -328,7 +342,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         if sent is not None:  # what this rank's DDP all-reduced per step, and left out
             row["allreduce_bytes"] = (comm.bytes_reduced - sent[0]) / max(steps, 1)
             row["allreduce_bytes_skipped"] = (comm.bytes_skipped - sent[1]) / max(steps, 1)
-        if isinstance(policy, LayerDropBack):
+        if isinstance(policy, (LayerDropBack, DropBP)):
             row["actual_drop_rate"] = policy.stats["actual_drop_rate"]
         elif isinstance(policy, ChannelDropBack):
             row["channel_rate"] = policy.rate

@@ -32,6 +32,7 @@ inputs), so inference costs nothing extra and the mask changes nothing there.
 """
 
 from .attention import multi_head_attention, routed_call
+from .branch import branch, branch_start
 from .convs import conv
 from .embeddings import embedding
 from .gating import batch_norm, masked_param, module_call
@@ -41,12 +42,13 @@ from .rows import row_selection, rows_in_use
 
 __all__ = [
     "compiled_path", "opaque_path", "linear", "conv", "matmul", "addmm", "embedding", "masked_param", "batch_norm",
-    "module_call", "multi_head_attention", "routed_call", "row_selection", "rows_in_use",
+    "module_call", "multi_head_attention", "routed_call", "row_selection", "rows_in_use", "branch",
+    "branch_start",
 ]
 
 # The rewritten graph's code names these functions by module: keep them ``ldbfx.ops.<name>``
 # (``gm.code`` reads ``ldbfx_ops_conv(...)``), wherever they are defined.
 for _fn in (linear, conv, matmul, addmm, embedding, masked_param, batch_norm, module_call, multi_head_attention,
-            routed_call):
+            routed_call, branch, branch_start):
     _fn.__module__ = __name__
 del _fn

@@ -1,0 +1,506 @@
+"""Residual branches: found in the captured graph, droppable as a whole (DropBP without model edits).
+
+A *branch* is the non-skip operand of a residual add: ``x + f(x)`` (``+``, ``+=``, ``torch.add``,
+``aten.add``), also with a projection shortcut (``downsample(x) + f(x)``). Dropping a branch
+behaves exactly as if its output were detached before the add: the forward is unchanged, the skip
+still carries the gradient to everything before the block, and nothing inside the branch is
+backpropagated (neither dX nor dW), so its parameters get no gradient and ``optimizer.step()``
+leaves them and their state untouched, as for dropped layers.
+
+**The rule that tells the skip from the branch.** For an add of ``a`` and ``b``, the *block
+input* is their nearest common ancestor along activation edges (floating-point tensors; edges
+that only carry a shape, a dtype, an integer mask or a parameter do not count). Each operand's
+path is the part of the graph between the block input and that operand; the operand whose path
+holds more layers is the branch, the other is the skip (the path back to the block's input with
+fewest layers). An add is not a residual when the operands share no activation ancestor
+(``x + pos_embed``, ``scores + attention_mask``) or when both paths hold the same number of
+layers (``q * cos + rotate(q) * sin``: none; two parallel equal branches: ambiguous). Each
+branch's *block* is the module whose ``forward`` performs the add (``layer1.0``, ``blocks.3``).
+
+**Eligibility.** By default the branches of the first and the last block always train
+(``keep_first_blocks=1``, ``keep_last_blocks=1``, the spirit of LayerDropBack's kept first and
+last layers); ``branch_filter`` excludes more. A ResNet BasicBlock/Bottleneck has one branch, a
+transformer block two (attention, MLP).
+
+Example:
+    >>> import torch, ldbfx
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.norm, self.fc = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+    ...     def forward(self, x):
+    ...         return x + self.fc(self.norm(x))
+    >>> model = torch.nn.Sequential(*[Block() for _ in range(4)])
+    >>> gm = ldbfx.transform(model)
+    >>> [(b.name, b.layers, b.eligible) for b in ldbfx.branches(gm)][:2]
+    [('0', ('0.norm', '0.fc'), False), ('1', ('1.norm', '1.fc'), True)]
+    >>> ldbfx.set_dropped_branches(gm, ["1"])
+    >>> gm(torch.randn(2, 8)).sum().backward()
+    >>> model[1].fc.weight.grad is None, model[0].fc.weight.grad is None
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+
+from .errors import LdbfxError
+
+if TYPE_CHECKING:
+    from .layers import Layer, LayerPlan
+    from .module import LdbGraphModule
+
+__all__ = ["Branch", "BranchNotFoundError", "branches", "set_dropped_branches", "dropped_branches"]
+
+_aten = torch.ops.aten
+_ADDS = {operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor}
+_ADD_METHODS = {"add", "add_"}
+# FX (symbolic trace, no tensor metadata): call results that are never activations.
+_SHAPE_METHODS = {"size", "dim", "numel", "type", "get_device", "stride", "nelement"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+
+
+class BranchNotFoundError(LdbfxError, KeyError):
+    """A branch name or index does not exist, or names a branch that may not be dropped."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One droppable residual branch of a transformed model.
+
+    Attributes:
+        index: position in topological order of its add (what :func:`set_dropped_branches` takes).
+        name: unique readable name: its block (``"layer2.0"``), plus the branch's own submodule
+            when the block has several (``"blocks.3.attn"``, ``"blocks.3.mlp"``).
+        block: qualified name of the module whose ``forward`` performs the add ("" for the root).
+        layers: names of the layers inside the branch, as :func:`ldbfx.layers` names them.
+        skip_layers: layers on the skip path (a projection shortcut), usually ``()``.
+        eligible: whether :func:`set_dropped_branches` may drop it.
+        reason: why not (``"first block"``, ``"last block"``, ``"filter"``), empty when eligible.
+        node: name of the add node in the traced (train-mode) graph.
+    """
+
+    index: int
+    name: str
+    block: str
+    layers: tuple[str, ...]
+    skip_layers: tuple[str, ...]
+    eligible: bool
+    reason: str
+    node: str
+
+
+@dataclass
+class BranchPlan:
+    """A residual add found in a graph, before its :class:`Branch` record exists (internal)."""
+
+    add: str  # node names: the rewrite replaces layer nodes, keeping their names
+    operand: int  # position of the branch in add.args
+    start: str  # the block input
+    region: tuple[str, ...]  # the branch's nodes (activation edges from the block input)
+    block: str
+    layers: tuple[int, ...]  # layer indices with a node inside the branch
+    inner: tuple[int, ...]  # those with every node inside (their gradients come only from here)
+    skip_layers: tuple[int, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# Discovery
+# ------------------------------------------------------------------------------------------------
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return False
+    if len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return False
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    return alpha == 1
+
+
+def _is_activation(node: fx.Node) -> bool:
+    """Whether ``node`` can carry a gradient to an earlier activation (see the module doc)."""
+    if node.op in ("get_attr", "output"):
+        return False
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if val is not None:  # torch.export: the fake value says what it is (split: a tuple)
+        values = val if isinstance(val, (tuple, list)) else (val,)
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values)
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return False
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
+            and node.args[1] in _SHAPE_ATTRS:
+        return False
+    return True
+
+
+def _block_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    # torch.export writes "L['self'].layers[3]"-style paths in some versions; keep FX's own form.
+    return path if isinstance(path, str) else None
+
+
+def plan_branches(graph: fx.Graph, plans: list[LayerPlan]) -> list[BranchPlan]:
+    """The residual adds of ``graph`` with their branch operand, in topological order."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    layer_nodes = {index: [position[p.node] for p in plan.nodes] for index, plan in enumerate(plans)}
+    # Ancestors along activation edges, as bitsets over node positions (Python ints).
+    act = {node: _is_activation(node) for node in nodes}
+    ancestors: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        bits = 1 << i
+        if act[node]:
+            for arg in node.all_input_nodes:
+                if act[arg]:
+                    bits |= ancestors[arg]
+        ancestors[node] = bits
+    found = []
+    for add in nodes:
+        if not _is_add(add) or not act[add]:
+            continue
+        a, b = add.args[0], add.args[1]
+        if not (act[a] and act[b]) or a is b:
+            continue
+        common = ancestors[a] & ancestors[b]
+        if not common:
+            continue
+        start = common.bit_length() - 1  # the nearest common ancestor: the block input
+        reach = 1 << start  # descendants of the block input
+        for node in nodes[start + 1: position[add]]:
+            if act[node] and any(act[arg] and (reach >> position[arg]) & 1 for arg in node.all_input_nodes):
+                reach |= 1 << position[node]
+
+        def path_layers(operand: fx.Node) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+            region = ancestors[operand] & reach & ~(1 << start)
+            # Computations on parameters alone that only the branch reads (a gate's sigmoid)
+            # belong to it: detaching the branch cuts their gradient too.
+            for i in range(position[add] - 1, -1, -1):
+                node = nodes[i]
+                if ancestors[node] == 1 << i and act[node] and node.op != "placeholder" and node.users \
+                        and all((region >> position[u]) & 1 for u in node.users):
+                    region |= 1 << i
+            touched = [index for index, where in layer_nodes.items()
+                       if any((region >> w) & 1 for w in where)]
+            inner = [index for index in touched if all((region >> w) & 1 for w in layer_nodes[index])]
+            return region, tuple(touched), tuple(inner)
+
+        region_a, layers_a, inner_a = path_layers(a)
+        region_b, layers_b, inner_b = path_layers(b)
+        if len(layers_a) == len(layers_b):
+            continue
+        operand = 0 if len(layers_a) > len(layers_b) else 1
+        region, layers, inner, skip = ((region_a, layers_a, inner_a, layers_b) if operand == 0
+                                       else (region_b, layers_b, inner_b, layers_a))
+        members = tuple(nodes[i].name for i in range(start + 1, position[add]) if (region >> i) & 1)
+        found.append(BranchPlan(add.name, operand, nodes[start].name, members, _block_of(add), layers,
+                                inner, skip))
+    return found
+
+
+def _common_prefix(names: Iterable[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for atoms in zip(*parts):
+        if len(set(atoms)) != 1:
+            break
+        prefix.append(atoms[0])
+    return ".".join(prefix)
+
+
+def _names(plans: list[BranchPlan], layer_names: tuple[str, ...]) -> list[str]:
+    """Block name, plus the branch's main submodule where a block holds several branches."""
+    blocks = [p.block if p.block is not None else _common_prefix(layer_names[i] for i in p.layers)
+              for p in plans]
+    count = Counter(blocks)
+    names = []
+    for plan, block in zip(plans, blocks):
+        if count[block] == 1:
+            names.append(block)
+            continue
+        depth = len(block.split(".")) if block else 0
+        parts = [layer_names[i].split(".") for i in plan.layers]
+        heads = [p[depth] for p in parts if len(p) > depth]
+        tally = Counter(heads)
+        best = max(tally.values()) if tally else 0
+        head = next((h for h in reversed(heads) if tally[h] == best), plan.add)
+        names.append(f"{block}.{head}" if block else head)
+    seen: Counter = Counter(names)
+    used: Counter = Counter()
+    unique = []
+    for name in names:
+        if seen[name] > 1:
+            used[name] += 1
+            name = f"{name}#{used[name] - 1}"
+        unique.append(name)
+    return unique
+
+
+def build_branches(plans: list[BranchPlan], layers: tuple[Layer, ...], *, keep_first_blocks: int,
+                   keep_last_blocks: int, filter: Callable[[Branch], bool] | None) -> tuple[Branch, ...]:
+    """Turns branch plans into :class:`Branch` records with the eligibility rule applied."""
+    layer_names = tuple(layer.name for layer in layers)
+    names = _names(plans, layer_names)
+    blocks = list(dict.fromkeys(p.block for p in plans))
+    order = {block: k for k, block in enumerate(blocks)}
+    result = []
+    for index, (plan, name) in enumerate(zip(plans, names)):
+        k = order[plan.block]
+        record = Branch(index=index, name=name, block=plan.block or "",
+                        layers=tuple(layer_names[i] for i in plan.layers),
+                        skip_layers=tuple(layer_names[i] for i in plan.skip_layers),
+                        eligible=True, reason="", node=plan.add)
+        if k < keep_first_blocks:
+            reason = "first block" if keep_first_blocks == 1 else f"first {keep_first_blocks} blocks"
+        elif k >= len(blocks) - keep_last_blocks:
+            reason = "last block" if keep_last_blocks == 1 else f"last {keep_last_blocks} blocks"
+        elif filter is not None and not filter(record):
+            reason = "filter"
+        else:
+            reason = ""
+        result.append(Branch(**{**record.__dict__, "eligible": not reason, "reason": reason}))
+    return tuple(result)
+
+
+def _is_random(node: fx.Node, root: torch.nn.Module) -> bool:
+    """Whether ``node`` draws random numbers (moving it would change what it draws)."""
+    if node.op == "call_module":
+        try:
+            module = root.get_submodule(node.target)
+        except AttributeError:
+            return False
+        return isinstance(module, torch.nn.modules.dropout._DropoutNd) or "Drop" in type(module).__name__
+    name = getattr(node.target, "__name__", str(node.target))
+    return any(word in name for word in ("dropout", "bernoulli", "rand", "normal", "drop_path"))
+
+
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
+                 "unsqueeze", "squeeze", "expand", "expand_as", "narrow", "select", "t", "chunk", "split",
+                 "unbind", "as_strided", "contiguous", "detach", "__getitem__", "movedim", "diagonal"}
+
+
+def _is_inplace(node: fx.Node, root: torch.nn.Module) -> bool:
+    if node.op == "call_module":
+        try:
+            return getattr(root.get_submodule(node.target), "inplace", False) is True
+        except AttributeError:
+            return False
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__")) \
+            or name.startswith("i") and getattr(operator, name, None) is node.target
+    return False
+
+
+def _may_alias(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with an input (a view)."""
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        target = node.target
+        if target is operator.getitem:
+            return True
+        if isinstance(target, torch._ops.OpOverload):
+            return any(a.alias_info is not None for a in target._schema.returns)
+        return getattr(target, "__name__", "") in _VIEW_METHODS or target in (torch.flatten, torch.reshape)
+    return node.op != "call_module"
+
+
+def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
+                  by_name: dict[str, fx.Node]) -> fx.Node | None:
+    """Reorders the nodes between the block input and the add so the branch's own nodes are
+    contiguous: first everything that does not depend on the branch (the skip path, parameter
+    reads), then the branch, then what else uses the branch. The same ops run on the same values;
+    a compiled region then holds the branch alone (see :mod:`ldbfx.ops.branch`). Returns the
+    branch's first node, or None when reordering could change a value: a random op moved across
+    another, an in-place op moved across a reader of what it overwrites (the gate still works;
+    the compiled region then just holds more than the branch)."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    add, begin = by_name[plan.add], by_name[plan.start]
+    operand = add.args[plan.operand]
+    window = nodes[position[begin] + 1: position[add]]
+    region = {by_name[name] for name in plan.region}
+    depends: set[fx.Node] = set()  # on the branch, through any edge
+    for node in window:
+        if node in region or any(arg in depends for arg in node.all_input_nodes):
+            depends.add(node)
+    feeds = {operand}  # ancestors of the branch output inside the window, through any edge
+    for node in reversed(window):
+        if node in feeds:
+            feeds.update(node.all_input_nodes)
+    # Inside: the branch, and what only the branch reads (its parameters, their gates), so a
+    # dropped branch's region leaves every one of its parameters without a gradient.
+    inside_set: set[fx.Node] = set()
+    for node in reversed(window):
+        if node in feeds and (node in depends or (node.users and all(u in inside_set for u in node.users))):
+            inside_set.add(node)
+    for node in window:  # an in-place op on the branch's own tensor stays with it (drop path)
+        if _is_inplace(node, root) and node.args and node.args[0] in inside_set:
+            inside_set.add(node)
+    before = [n for n in window if n not in depends and n not in inside_set]
+    inside = [n for n in window if n in inside_set]
+    after = [n for n in window if n in depends and n not in inside_set]
+    if not inside:
+        return None
+    order = before + inside + after
+    if order == window:
+        return inside[0]
+    group = {**{n: 0 for n in before}, **{n: 1 for n in inside}, **{n: 2 for n in after}}
+    crossed = [n for k, n in enumerate(order) if n is not window[k]]
+    if sum(_is_random(n, root) for n in window) > 1 and any(_is_random(n, root) for n in crossed):
+        return None  # random ops drawn in another order would draw other numbers
+    # An in-place op is safe to reorder around only when what it overwrites is a fresh
+    # (non-view) result of its own group that no other group reads.
+    for node in window:
+        if not _is_inplace(node, root):
+            continue
+        target = node.args[0] if node.args else None
+        if not (isinstance(target, fx.Node) and group.get(target) == group[node] and not _may_alias(target)
+                and all(group.get(u) == group[node] for u in target.users)):
+            return None
+    anchor = begin
+    for node in order:
+        anchor.append(node)
+        anchor = node
+    return inside[0]
+
+
+def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | None],
+                 root: torch.nn.Module) -> None:
+    """Puts ``ops.branch(x, state, index)`` on the branch operand of each add (``indices[k]``
+    None: that add gets no gate), and ``ops.branch_start(state)`` before the branch's nodes."""
+    from . import ops
+    from .module import STATE_ATTR
+
+    state = None
+    by_name = {node.name: node for node in graph.nodes}
+    for plan, index in zip(plans, indices):
+        if index is None:
+            continue
+        if state is None:
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                state = graph.get_attr(STATE_ATTR)
+        head = _group_branch(graph, plan, root, by_name)
+        if head is not None:
+            with graph.inserting_before(head):
+                graph.call_function(ops.branch_start, (state,))
+        add = by_name[plan.add]
+        operand = add.args[plan.operand]
+        with graph.inserting_after(operand):
+            gate = graph.call_function(ops.branch, (operand, state, index))
+        gate.meta.update({k: v for k, v in operand.meta.items() if k in ("val", "tensor_meta")})
+        gate.meta["ldbfx_branch"] = index
+        args = list(add.args)
+        args[plan.operand] = gate
+        add.args = tuple(args)
+    graph.lint()
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def _check(gm: object) -> LdbGraphModule:
+    from .mask import _check as check
+
+    return check(gm)
+
+
+def branches(gm: LdbGraphModule) -> tuple[Branch, ...]:
+    """The residual branches of a transformed model, in topological order of their adds.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+
+    Returns:
+        A tuple of :class:`Branch` records; ``branches(gm)[i].index == i``. Empty for a model
+        without residual adds.
+    """
+    return _check(gm).ldbfx_branches
+
+
+def _branch_index(gm: LdbGraphModule, branch: str | int | Branch) -> int:
+    records = gm.ldbfx_branches
+    if isinstance(branch, Branch):
+        branch = branch.index
+    if isinstance(branch, str):
+        index = next((b.index for b in records if b.name == branch), None)
+    elif isinstance(branch, int) and not isinstance(branch, bool):
+        index = branch % len(records) if -len(records) <= branch < len(records) else None
+    else:
+        raise TypeError(f"branches are named by str or int index, got {type(branch).__name__}: {branch!r}")
+    eligible = [b.name for b in records if b.eligible]
+    if index is None:
+        if not records:
+            raise BranchNotFoundError(
+                f"no branch named {branch!r}: this model has no residual add ldbfx recognises "
+                "(x + f(x)); see ldbfx.branches(gm) and the rule in ldbfx.branches' documentation")
+        raise BranchNotFoundError(f"no branch named {branch!r}. Eligible branches are: "
+                                  f"{', '.join(eligible) or '(none)'}")
+    if not records[index].eligible:
+        raise BranchNotFoundError(
+            f"branch {records[index].name!r} (index {index}) may not be dropped "
+            f"({records[index].reason}). Eligible branches are: {', '.join(eligible) or '(none)'}")
+    return index
+
+
+def set_dropped_branches(gm: LdbGraphModule, branches: Iterable[str | int | Branch]) -> None:
+    """Detaches the output of ``branches`` in the backward from the next forward on.
+
+    Nothing in a dropped branch is backpropagated (no dX, no dW); the skip path still carries the
+    gradient. Its layers' parameters get no gradient and ``optimizer.step()`` leaves them and their
+    optimizer state unchanged. Combines freely with :func:`ldbfx.set_dropped`. No retrace; under
+    ``torch.compile`` the first non-empty call makes the model recompile once into regions split
+    before each eligible branch's add, after which any branch mask runs without recompiling.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+        branches: names, indices or :class:`Branch` records of eligible branches; ``[]`` restores
+            full backprop.
+
+    Raises:
+        BranchNotFoundError: a branch does not exist or is not eligible (the message lists the
+            eligible ones).
+
+    Example:
+        >>> import torch, torchvision, ldbfx  # doctest: +SKIP
+        >>> gm = ldbfx.transform(torchvision.models.resnet18())  # doctest: +SKIP
+        >>> ldbfx.set_dropped_branches(gm, ["layer2.1", "layer3.0"])  # doctest: +SKIP
+    """
+    from .mask import _ensure_skip_hook
+
+    gm = _check(gm)
+    if isinstance(branches, (str, int, Branch)):
+        branches = [branches]
+    indices = tuple(sorted({_branch_index(gm, b) for b in branches}))
+    gm.ldbfx_state.set_dropped_branches(indices)
+    if indices:
+        _ensure_skip_hook()
+
+
+def dropped_branches(gm: LdbGraphModule) -> tuple[str, ...]:
+    """Names of the branches currently dropped, in topological order."""
+    gm = _check(gm)
+    return tuple(gm.ldbfx_branches[i].name for i in gm.ldbfx_state.dropped_branches)
