@@ -13,7 +13,8 @@ that only carry a shape, a dtype, an integer mask or a parameter do not count). 
 path is the part of the graph between the block input and that operand; the operand whose path
 holds more layers is the branch, the other is the skip (the path back to the block's input with
 fewest layers). An add is not a residual when the operands share no activation ancestor
-(``x + pos_embed``, ``scores + attention_mask``) or when both paths hold the same number of
+(``x + pos_embed``; ``scores + attention_mask`` on the export front end, whose values say the
+mask is an integer tensor) or when both paths hold the same number of
 layers (``q * cos + rotate(q) * sin``: none; two parallel equal branches: ambiguous). Each
 branch's *block* is the module whose ``forward`` performs the add (``layer1.0``, ``blocks.3``).
 
@@ -155,7 +156,6 @@ def _block_of(node: fx.Node) -> str | None:
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    # torch.export writes "L['self'].layers[3]"-style paths in some versions; keep FX's own form.
     return path if isinstance(path, str) else None
 
 
@@ -201,7 +201,16 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan]) -> list[BranchPlan]:
                     region |= 1 << i
             touched = [index for index, where in layer_nodes.items()
                        if any((region >> w) & 1 for w in where)]
-            inner = [index for index in touched if all((region >> w) & 1 for w in layer_nodes[index])]
+            # Inner layers get their gradient only through the branch output: none of their nodes
+            # reaches a use outside the branch (an auxiliary loss, returned attention weights).
+            leaky = 0
+            for i in range(position[add] - 1, start, -1):
+                if (region >> i) & 1 and any(
+                        u is not add and act[u] and (not (region >> position[u]) & 1 or (leaky >> position[u]) & 1)
+                        for u in nodes[i].users):
+                    leaky |= 1 << i
+            inner = [index for index in touched
+                     if all((region >> w) & 1 and not (leaky >> w) & 1 for w in layer_nodes[index])]
             return region, tuple(touched), tuple(inner)
 
         region_a, layers_a, inner_a = path_layers(a)
@@ -260,11 +269,13 @@ def build_branches(plans: list[BranchPlan], layers: tuple[Layer, ...], *, keep_f
     """Turns branch plans into :class:`Branch` records with the eligibility rule applied."""
     layer_names = tuple(layer.name for layer in layers)
     names = _names(plans, layer_names)
-    blocks = list(dict.fromkeys(p.block for p in plans))
+    # Adds in the root module's own forward: each is its own block (nothing groups them).
+    keys = [p.block if p.block else f"<root>:{p.add}" for p in plans]
+    blocks = list(dict.fromkeys(keys))
     order = {block: k for k, block in enumerate(blocks)}
     result = []
     for index, (plan, name) in enumerate(zip(plans, names)):
-        k = order[plan.block]
+        k = order[keys[index]]
         record = Branch(index=index, name=name, block=plan.block or "",
                         layers=tuple(layer_names[i] for i in plan.layers),
                         skip_layers=tuple(layer_names[i] for i in plan.skip_layers),
@@ -290,7 +301,8 @@ def _is_random(node: fx.Node, root: torch.nn.Module) -> bool:
             return False
         return isinstance(module, torch.nn.modules.dropout._DropoutNd) or "Drop" in type(module).__name__
     name = getattr(node.target, "__name__", str(node.target))
-    return any(word in name for word in ("dropout", "bernoulli", "rand", "normal", "drop_path"))
+    return any(word in name for word in ("dropout", "bernoulli", "rand", "normal", "drop_path", "uniform",
+                                         "multinomial", "exponential", "cauchy", "geometric"))
 
 
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "flatten", "unflatten",
@@ -307,9 +319,12 @@ def _is_inplace(node: fx.Node, root: torch.nn.Module) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):  # torch.export: aten.add_.Tensor, aten.copy_
+            return target._schema.is_mutable
+        name = getattr(target, "__name__", "")
         return node.kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__")) \
-            or name.startswith("i") and getattr(operator, name, None) is node.target
+            or target is operator.setitem or (name.startswith("i") and getattr(operator, name, None) is target)
     return False
 
 
@@ -368,18 +383,32 @@ def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
     if order == window:
         return inside[0]
     group = {**{n: 0 for n in before}, **{n: 1 for n in inside}, **{n: 2 for n in after}}
-    crossed = [n for k, n in enumerate(order) if n is not window[k]]
-    if sum(_is_random(n, root) for n in window) > 1 and any(_is_random(n, root) for n in crossed):
+    random_ops = [n for n in window if _is_random(n, root)]
+    if random_ops != [n for n in order if n in set(random_ops)]:
         return None  # random ops drawn in another order would draw other numbers
+    placed = set()  # the new order must stay topological (an in-place op pulled into the branch)
+    for node in order:
+        if any(arg in group and arg not in placed for arg in node.all_input_nodes):
+            return None
+        placed.add(node)
     # An in-place op is safe to reorder around only when what it overwrites is a fresh
-    # (non-view) result of its own group that no other group reads.
+    # (non-view) result of its own group that no other group reads, directly or through a view.
     for node in window:
         if not _is_inplace(node, root):
             continue
         target = node.args[0] if node.args else None
-        if not (isinstance(target, fx.Node) and group.get(target) == group[node] and not _may_alias(target)
-                and all(group.get(u) == group[node] for u in target.users)):
+        if not (isinstance(target, fx.Node) and group.get(target) == group[node] and not _may_alias(target)):
             return None
+        readers, seen = list(target.users), set()
+        while readers:
+            user = readers.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if group.get(user) != group[node]:
+                return None
+            if _may_alias(user):
+                readers.extend(user.users)
     anchor = begin
     for node in order:
         anchor.append(node)
@@ -396,7 +425,9 @@ def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | N
 
     state = None
     by_name = {node.name: node for node in graph.nodes}
-    for plan, index in zip(plans, indices):
+    # Outer branches first: an inner branch's nodes then stay contiguous inside the outer one and
+    # its own grouping (and split point) is made last, where it stays.
+    for plan, index in reversed(list(zip(plans, indices))):
         if index is None:
             continue
         if state is None:
@@ -408,6 +439,15 @@ def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | N
             with graph.inserting_before(head):
                 graph.call_function(ops.branch_start, (state,))
         add = by_name[plan.add]
+        if _is_inplace(add, root):
+            # ``out += identity``: the same value out of place, as long as nothing else reads
+            # the overwritten tensor (a compiled gate's fresh leaf cannot be written in place).
+            if len(add.args[0].users) != 1:
+                continue
+            add.target = {"add_": "add", operator.iadd: operator.add, _aten.add_.Tensor: _aten.add.Tensor}.get(
+                add.target, add.target)
+            if _is_inplace(add, root):
+                continue
         operand = add.args[plan.operand]
         with graph.inserting_after(operand):
             gate = graph.call_function(ops.branch, (operand, state, index))
@@ -446,12 +486,14 @@ def _branch_index(gm: LdbGraphModule, branch: str | int | Branch) -> int:
     if isinstance(branch, Branch):
         branch = branch.index
     if isinstance(branch, str):
-        index = next((b.index for b in records if b.name == branch), None)
+        index = gm._ldbfx_branch_index.get(branch)
     elif isinstance(branch, int) and not isinstance(branch, bool):
         index = branch % len(records) if -len(records) <= branch < len(records) else None
     else:
         raise TypeError(f"branches are named by str or int index, got {type(branch).__name__}: {branch!r}")
-    eligible = [b.name for b in records if b.eligible]
+    if index is not None and records[index].eligible:
+        return index
+    eligible = [b.name for b in records if b.eligible]  # for the error message only
     if index is None:
         if not records:
             raise BranchNotFoundError(
@@ -459,11 +501,9 @@ def _branch_index(gm: LdbGraphModule, branch: str | int | Branch) -> int:
                 "(x + f(x)); see ldbfx.branches(gm) and the rule in ldbfx.branches' documentation")
         raise BranchNotFoundError(f"no branch named {branch!r}. Eligible branches are: "
                                   f"{', '.join(eligible) or '(none)'}")
-    if not records[index].eligible:
-        raise BranchNotFoundError(
-            f"branch {records[index].name!r} (index {index}) may not be dropped "
-            f"({records[index].reason}). Eligible branches are: {', '.join(eligible) or '(none)'}")
-    return index
+    raise BranchNotFoundError(
+        f"branch {records[index].name!r} (index {index}) may not be dropped "
+        f"({records[index].reason}). Eligible branches are: {', '.join(eligible) or '(none)'}")
 
 
 def set_dropped_branches(gm: LdbGraphModule, branches: Iterable[str | int | Branch]) -> None:

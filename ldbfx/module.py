@@ -113,6 +113,7 @@ class LdbGraphModule(fx.GraphModule):
         self.__dict__["ldbfx_state"] = state
         self.ldbfx_layers = layers
         self.ldbfx_branches = branches
+        self._ldbfx_branch_index = {b.name: b.index for b in branches}
         self.ldbfx_edges = edges
         self.ldbfx_config = config
         self._ldbfx_index = {layer.name: layer.index for layer in layers}

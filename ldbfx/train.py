@@ -269,7 +269,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         raise LdbfxError("Learn&Drop's feature cache trains the head outside DistributedDataParallel: "
                          "run torchrun jobs without --cache")
     wrapped = trainable = comm = compiled = compiled_for = None
-    allocate_at = math.ceil(0.1 * config.epochs)  # DropBP's sensitivity allocation: ~10% of training
+    allocate_at = min(math.ceil(0.1 * config.epochs), config.epochs - 1)  # DropBP: at ~10% of training
     for epoch in range(start_epoch, config.epochs):
         if isinstance(policy, DropBP) and config.dropbp_allocation == "sensitivity" \
                 and policy.sensitivity is None and epoch >= allocate_at:

@@ -141,13 +141,18 @@ def test_optimizer_leaves_dropped_branches_and_their_state_untouched():
     block = model.blocks[2]
     before = {n: p.detach().clone() for n, p in block.named_parameters()}
     momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in block.named_parameters()}
+    kept = model.blocks[1].fc1.weight.detach().clone()
     ldbfx.set_dropped_branches(gm, ["blocks.2"])
     loss_of(gm(x)).backward()
     opt.step()
+    assert not torch.equal(model.blocks[1].fc1.weight, kept)  # a kept branch trains
     for n, p in block.named_parameters():
         assert torch.equal(p, before[n]), n
         assert torch.equal(opt.state[p]["momentum_buffer"], momentum[n]), n
-    assert not torch.equal(model.blocks[1].fc1.weight, model.blocks[1].fc1.weight.detach() * 0)
+    ldbfx.set_dropped_branches(gm, [])
+    loss_of(gm(x)).backward()
+    opt.step()
+    assert not torch.equal(block.fc1.weight, before["fc1.weight"])  # and the branch again, once kept
 
 
 def test_branch_drop_combines_with_layer_drop():
@@ -330,6 +335,34 @@ def test_compiled_branch_drop_one_compile_matches_eager():
     torch._dynamo.reset()
 
 
+class InPlaceNet(Net):
+    """Residual adds written in place (``out.add_(x)``, as ResNets' ``out += identity``)."""
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block.fc2(torch.relu(block.fc1(block.norm(x)))).add_(x)
+        return self.out(x)
+
+
+def test_compiled_in_place_residual_adds():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = InPlaceNet(depth=4), torch.randn(4, 8)
+    gm = ldbfx.transform(model)
+    assert [b.eligible for b in ldbfx.branches(gm)] == [False, True, True, False]
+    compiled = torch.compile(gm, backend="aot_eager")
+    for dropped in [(1,), (2,), ()]:
+        ldbfx.set_dropped_branches(gm, list(dropped))
+        model.zero_grad(set_to_none=True)
+        loss_of(compiled(x)).backward()
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        loss_of(gm(x)).backward()  # eager: the detached reference
+        _assert_grads_equal(got, grads(model), exact=False)
+    torch._dynamo.reset()
+
+
 def test_nothing_dropped_means_no_graph_break():
     torch._dynamo.reset()
     gm = ldbfx.transform(Net())
@@ -366,7 +399,7 @@ def test_export_front_end_llama_branches():
 # ---------------------------------------------------------------------------------------------
 def test_allocate_rates_meets_the_flop_target_least_sensitive_first():
     rates = ldbfx.policies.allocate_rates([4.0, 1.0, 2.0], [10, 10, 20], target=12, step=0.1, max_rate=0.9)
-    assert rates == [0.0, 0.9, 0.2]  # b1 (1/10 per FLOP) first up to max, then b2 (2/20)
+    assert rates == [0.0, 0.9, 0.2]  # b1 and b2 cost 0.1 per FLOP, b0 0.4: b1 (lower index) first
     assert sum(r * f for r, f in zip(rates, [10, 10, 20])) >= 12
 
 
@@ -405,7 +438,8 @@ def test_dropbp_sensitivity_allocation_counts_flops_and_spends_the_target():
     total = sum(policy.flops.values())
     assert sum(rates[n] * f for n, f in policy.flops.items()) >= 0.4 * total * (1 - 1e-6)
     assert all(p.grad is None for p in model.parameters())  # allocate() leaves .grad alone
-    assert ldbfx.dropped_branches(gm) == ()
+    assert ldbfx.dropped_branches(gm) == () and not gm.ldbfx_state.skipped  # nor the next step
+    assert policy.stats["allocation"] == "sensitivity"
     # The measured FLOPs of a branch are what dropping it saves, as the detached reference counts.
     full = backward_flops(lambda: loss_of(gm(x)))
     ldbfx.set_dropped_branches(gm, ["blocks.2"])

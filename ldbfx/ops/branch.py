@@ -45,7 +45,7 @@ def _split() -> None:
 def branch_start(state: LdbState) -> None:
     """Placed before a branch's first node: under ``torch.compile`` with branch drop in use, the
     branch gets a compiled region of its own, whose backward belongs to the branch alone."""
-    if torch.compiler.is_compiling() and state.branch_cut:
+    if torch.compiler.is_compiling() and state.branch_cut and torch.is_grad_enabled():
         _split()
 
 

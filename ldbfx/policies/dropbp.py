@@ -66,8 +66,8 @@ class DropBP:
             Default: ``None``.
         drop_rate: uniform rate, or the mean FLOP-weighted rate the sensitivity allocation
             targets, in ``[0, 1)``. Default: ``0.5``.
-        allocation: ``"uniform"`` or ``"sensitivity"`` (rates from :meth:`allocate`; uniform until
-            it is called). Default: ``"uniform"``.
+        allocation: ``"uniform"`` or ``"sensitivity"`` (rates from :meth:`allocate`, uniform until
+            it is called; ``stats["allocation"]`` says which is in effect). Default: ``"uniform"``.
         max_rate: the highest rate the allocation gives a branch, in ``(0, 1]``. Default: ``0.9``.
         step: the allocation's rate increment. Default: ``0.1``.
         seed: seed of the policy's own generator. Default: ``0``.
@@ -124,7 +124,9 @@ class DropBP:
             raise ValueError(f"DropBP needs droppable residual branches, but {why}. See ldbfx.branches(gm); "
                              "keep_first_blocks/keep_last_blocks/branch_filter of ldbfx.transform choose them")
         self.gm, self.optimizer = gm, optimizer
-        self.drop_rate, self.allocation, self.max_rate, self.step_size = float(drop_rate), allocation, max_rate, step
+        self.drop_rate, self.max_rate, self.step_size = float(drop_rate), max_rate, step
+        self.requested_allocation = allocation
+        self.allocation = "uniform"  # in effect: "sensitivity" once allocate() has run
         self.seed = seed
         self._records = records
         self._candidates = tuple(sorted(b.index for b in eligible.values()))
@@ -159,11 +161,17 @@ class DropBP:
         from torch.utils.flop_counter import FlopCounterMode
 
         params = [p for p in self.gm.parameters() if p.requires_grad]
-        saved = self._dropped
+        saved, state = self._dropped, self.gm.ldbfx_state
+        skipped = set(state.skipped)  # the probes' drops must not reach the next optimizer step
+        # Train-mode probes must not move BatchNorm statistics, and draw the same dropout each.
+        buffers = {name: b.clone() for name, b in self.gm.named_buffers()}
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
         def gradient(dropped: tuple[int, ...]) -> tuple[list[torch.Tensor | None], int]:
             set_dropped_branches(self.gm, dropped)
-            loss = closure()
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                loss = closure()
             with FlopCounterMode(display=False) as counter:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             return list(grads), counter.get_total_flops()
@@ -179,6 +187,11 @@ class DropBP:
                 flops.append(max(full_flops - count, 0))
         finally:
             self._apply(saved)
+            state.skipped.clear()
+            state.skipped.update(skipped)
+            with torch.no_grad():
+                for name, b in self.gm.named_buffers():
+                    b.copy_(buffers[name])
         names = [self._records[i].name for i in self._candidates]
         self.sensitivity = dict(zip(names, sensitivity))
         self.flops = dict(zip(names, flops))
@@ -265,6 +278,7 @@ class DropBP:
             raise ValueError("this DropBP state was saved for other branches "
                              f"({state['config']['candidates']}) than this policy's ({names})")
         self.epoch = state["epoch"]
+        self.drop_rate = state["config"]["drop_rate"]  # the saved run's settings, with its rates
         self._rates = torch.tensor(state["rates"], dtype=torch.float32)
         self.allocation, self.sensitivity, self.flops = state["allocation"], state["sensitivity"], state["flops"]
         self._generator.set_state(state["generator"])
