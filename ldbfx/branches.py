@@ -46,7 +46,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -115,7 +115,7 @@ class BranchPlan:
     region: tuple[str, ...]  # the branch's nodes (activation edges from the block input)
     block: str
     layers: tuple[int, ...]  # layer indices with a node inside the branch
-    inner: tuple[int, ...]  # those with every node inside (their gradients come only from here)
+    inner: tuple[int, ...]  # those whose gradient comes only through the branch output
     skip_layers: tuple[int, ...]
 
 
@@ -123,11 +123,8 @@ class BranchPlan:
 # Discovery
 # ------------------------------------------------------------------------------------------------
 def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADDS:
-        pass
-    elif node.op == "call_method" and node.target in _ADD_METHODS:
-        pass
-    else:
+    if not ((node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target in _ADD_METHODS)):
         return False
     if len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
         return False
@@ -288,7 +285,7 @@ def build_branches(plans: list[BranchPlan], layers: tuple[Layer, ...], *, keep_f
             reason = "filter"
         else:
             reason = ""
-        result.append(Branch(**{**record.__dict__, "eligible": not reason, "reason": reason}))
+        result.append(replace(record, eligible=not reason, reason=reason))
     return tuple(result)
 
 
