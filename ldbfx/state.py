@@ -72,8 +72,8 @@ class LdbState:
         dense: dropped layers report zero gradients (DDP); ``dense_auto``: DDP may turn it on.
         branch_mask: CPU bool tensor, one entry per residual branch (:mod:`ldbfx.branches`),
             ``True`` = its output is detached. Mutated in place; read by ``ops.branch``.
-        branch_layers: per branch, the layers all of whose nodes lie inside it (what a dropped
-            branch leaves without gradient).
+        branch_layers: per branch, the layers whose gradient comes only through its output (what
+            a dropped branch leaves without gradient, and the optimizer then skips).
         dropped_branches: indices of the branches in ``branch_mask`` now.
         branch_cut: whether a compiled forward splits before each gated add (set by the first
             non-empty :meth:`set_dropped_branches`, never cleared: one recompile, ever).

@@ -5,15 +5,15 @@
   never reaches the branch, so no backward op inside it runs and its saved activations are freed
   with the branch's graph as soon as the forward moves on.
 * **Compiled**: a compiled backward is one graph; nothing in it can skip a whole subgraph for a
-  run-time mask (``torch.cond`` in training recomputes its branch's forward inside the backward,
-  measured in design.md). So, once branch drop is in use (``state.branch_cut``, which Dynamo
+  run-time mask (``torch.cond`` in training recomputes its branch's forward inside the backward:
+  read from its source, see design.md). So, once branch drop is in use (``state.branch_cut``, which Dynamo
   guards on: one recompile), the gate is a graph break: the decision runs in Python between two
   compiled regions, each compiled once. A dropped branch's region then has no consumer in the
   autograd graph and its compiled backward never runs. The gate returns a fresh leaf
   (``detach().requires_grad_()``), not a plain detached tensor, so the next region sees the same
   ``requires_grad`` for every mask and is not recompiled. The decision is taken outside every
-  compiled graph, so CUDA graphs (``mode="reduce-overhead"``) replay only whole regions: nothing
-  can go stale.
+  compiled graph, so CUDA graphs (``mode="reduce-overhead"``) replay only whole regions and hold
+  no drop decision (by construction; not yet run on a GPU).
 
 In dense mode (DDP) a dropped branch's parameters get zero gradients, as dropped layers' do.
 """
