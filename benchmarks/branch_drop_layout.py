@@ -7,8 +7,16 @@ Variants: the compiled baseline, the transformed model with branch drop in use a
 dropped, and with 4 of the 14 eligible branches dropped (seeded). 5 interleaved rounds of 2
 steps, minimum. Prints each variant's step time and its difference to the baseline.
 """
-import sys, time, random, torch, torch.nn.functional as F, ldbfx
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ldbfx
 from ldbfx.bench import make_model
+
 torch._dynamo.config.recompile_limit = 64
 cl = sys.argv[1] == "cl"
 torch.manual_seed(0)
