@@ -28,6 +28,7 @@ import torch
 
 from ..branches import branches as _branches
 from ..branches import set_dropped_branches
+from .ldb import draw_dropped, restrict_to
 
 __all__ = ["DropBP", "allocate_rates"]
 
@@ -110,13 +111,7 @@ class DropBP:
         if not (isinstance(step, (int, float)) and 0.0 < step <= max_rate):
             raise ValueError(f"step must be in (0, max_rate], got {step!r}")
         records = _branches(gm)
-        eligible = {b.name: b for b in records if b.eligible}
-        if branches is not None:
-            branches = list(branches)
-            unknown = [n for n in branches if n not in eligible]
-            if unknown:
-                raise ValueError(f"not eligible branches: {unknown}; eligible are: {', '.join(eligible) or '(none)'}")
-            eligible = {n: eligible[n] for n in branches}
+        eligible = restrict_to({b.name: b for b in records if b.eligible}, branches, "branches")
         if not eligible:
             why = ("it has no residual add ldbfx recognises (x + f(x))" if not records else
                    f"none of its {len(records)} branches is eligible "
@@ -207,8 +202,7 @@ class DropBP:
         set_dropped_branches(self.gm, dropped)
 
     def _draw(self) -> tuple[int, ...]:
-        chosen = (torch.rand(len(self._candidates), generator=self._generator) < self._rates).nonzero().flatten()
-        return tuple(self._candidates[i] for i in chosen.tolist())  # Python work: O(dropped)
+        return draw_dropped(self._generator, self._candidates, self._rates)
 
     def start_epoch(self, epoch: int) -> None:
         """Draws the first mask of the epoch."""

@@ -29,7 +29,7 @@ import torch
 from ..layers import layers as _layers
 from ..mask import set_dropped
 
-__all__ = ["LayerDropBack", "is_drop_epoch", "draw_dropped"]
+__all__ = ["LayerDropBack", "is_drop_epoch", "draw_dropped", "restrict_to"]
 
 
 def is_drop_epoch(epoch: int, period: int) -> bool:
@@ -37,10 +37,23 @@ def is_drop_epoch(epoch: int, period: int) -> bool:
     return epoch > 0 and epoch % period == 0
 
 
-def draw_dropped(generator: torch.Generator, candidates: tuple[int, ...], drop_rate: float) -> tuple[int, ...]:
-    """Eq. 2: each candidate layer is dropped independently with probability ``drop_rate``."""
+def draw_dropped(generator: torch.Generator, candidates: tuple[int, ...],
+                 drop_rate: float | torch.Tensor) -> tuple[int, ...]:
+    """Eq. 2: each candidate is dropped independently with probability ``drop_rate`` (one rate,
+    or a tensor of one rate per candidate)."""
     chosen = (torch.rand(len(candidates), generator=generator) < drop_rate).nonzero().flatten()
     return tuple(candidates[i] for i in chosen.tolist())  # Python work: O(dropped)
+
+
+def restrict_to(eligible: dict[str, Any], names: Iterable[str] | None, what: str) -> dict[str, Any]:
+    """``eligible`` (name -> record) restricted to ``names`` (None: all), refusing unknown names."""
+    if names is None:
+        return eligible
+    names = list(names)
+    unknown = [n for n in names if n not in eligible]
+    if unknown:
+        raise ValueError(f"not eligible {what}: {unknown}; eligible are: {', '.join(eligible) or '(none)'}")
+    return {n: eligible[n] for n in names}
 
 
 class LayerDropBack:
@@ -106,13 +119,7 @@ class LayerDropBack:
         else:
             raise ValueError(f"lr_scale must be None, 'inverse_keep' or a number > 0, got {lr_scale!r}")
         all_layers = _layers(gm)
-        eligible = {l.name: l.index for l in all_layers if l.eligible}
-        if layers is not None:
-            layers = list(layers)
-            unknown = [n for n in layers if n not in eligible]
-            if unknown:
-                raise ValueError(f"not eligible layers: {unknown}; eligible are: {', '.join(eligible)}")
-            eligible = {n: eligible[n] for n in layers}
+        eligible = restrict_to({l.name: l.index for l in all_layers if l.eligible}, layers, "layers")
         self.gm, self.optimizer = gm, optimizer
         self.drop_rate, self.period, self.kappa = float(drop_rate), period, float(kappa)
         self.lr_factor, self.resample, self.seed = lr_factor, resample, seed
