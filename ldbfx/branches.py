@@ -18,6 +18,11 @@ mask is an integer tensor) or when both paths hold the same number of
 layers (``q * cos + rotate(q) * sin``: none; two parallel equal branches: ambiguous). Each
 branch's *block* is the module whose ``forward`` performs the add (``layer1.0``, ``blocks.3``).
 
+**Adding what the rule misses.** ``ldbfx.transform(model, extra_branches=["blocks.2.fc1"])``
+names a layer inside each branch the rule does not find (a tie) or finds the wrong way round (a
+shortcut heavier than its branch). The first add in topological order that has the named layer
+on one operand's path and not on the other's becomes a branch, that operand being the branch.
+
 **Eligibility.** By default the branches of the first and the last block always train
 (``keep_first_blocks=1``, ``keep_last_blocks=1``, the spirit of LayerDropBack's kept first and
 last layers); ``branch_filter`` excludes more. A ResNet BasicBlock/Bottleneck has one branch, a
@@ -156,8 +161,17 @@ def _block_of(node: fx.Node) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def plan_branches(graph: fx.Graph, plans: list[LayerPlan]) -> list[BranchPlan]:
-    """The residual adds of ``graph`` with their branch operand, in topological order."""
+def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str] | None = None, *,
+                  strict: bool = True) -> list[BranchPlan]:
+    """The residual adds of ``graph`` with their branch operand, in topological order.
+
+    ``extra`` maps layer indices to the names the user gave them (``transform(extra_branches=)``):
+    the first add in topological order with such a layer on one operand's path and not on the
+    other's is a branch whatever the rule says, and that operand is the branch. A name no add
+    takes raises :class:`BranchNotFoundError` when ``strict`` (the train graph; the eval graph's
+    branches are only matched to those).
+    """
+    unbound = dict(extra or {})
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     layer_nodes = {index: [position[p.node] for p in plan.nodes] for index, plan in enumerate(plans)}
@@ -212,14 +226,31 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan]) -> list[BranchPlan]:
 
         region_a, layers_a, inner_a = path_layers(a)
         region_b, layers_b, inner_b = path_layers(b)
-        if len(layers_a) == len(layers_b):
+        only_a = {i for i in layers_a if i in unbound and i not in layers_b}
+        only_b = {i for i in layers_b if i in unbound and i not in layers_a}
+        if only_a and only_b:
+            raise BranchNotFoundError(
+                f"extra_branches names layers on both operands of the add {add.name!r} "
+                f"({', '.join(unbound[i] for i in sorted(only_a))} and "
+                f"{', '.join(unbound[i] for i in sorted(only_b))}): name a layer of one operand only")
+        if only_a or only_b:
+            operand = 0 if only_a else 1
+            for i in only_a | only_b:
+                del unbound[i]
+        elif len(layers_a) == len(layers_b):
             continue
-        operand = 0 if len(layers_a) > len(layers_b) else 1
+        else:
+            operand = 0 if len(layers_a) > len(layers_b) else 1
         region, layers, inner, skip = ((region_a, layers_a, inner_a, layers_b) if operand == 0
                                        else (region_b, layers_b, inner_b, layers_a))
         members = tuple(nodes[i].name for i in range(start + 1, position[add]) if (region >> i) & 1)
         found.append(BranchPlan(add.name, operand, nodes[start].name, members, _block_of(add), layers,
                                 inner, skip))
+    if unbound and strict:
+        raise BranchNotFoundError(
+            f"extra_branches: no residual add has {', '.join(repr(n) for n in unbound.values())} on one "
+            "operand's path and not on the other's. Name a layer inside the branch of an add "
+            "(x + f(x), torch.add, +=, alpha 1) that both operands reach from a common input")
     return found
 
 

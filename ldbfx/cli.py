@@ -177,7 +177,7 @@ def _demo(args) -> int:
 
     _check_run(args)
 
-    run_demo(_config(args, data="digits"), out_dir=args.out)
+    run_demo(_config(args, data="digits"), out_dir=args.out, dropbp_rate=args.dropbp)
     return 0
 
 
@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(same seed): baseline, then LayerDropBack. Prints a side-by-side table, "
                                    "writes demo.png and demo.json.")
     _add_run_options(p, epochs=8, batch_size=64)
+    p.add_argument("--dropbp", type=_number(float, 0.0, 1.0, high_open=True), nargs="?", const=0.5, default=None, metavar="RATE",
+                   help="also train with DropBP (every eligible residual branch dropped whole with "
+                        "probability RATE, default 0.5, at every step) and show it beside LDB")
     p.add_argument("--out", default="ldbfx-out", help="output directory for the plot and JSON")
     p.set_defaults(func=_demo)
 

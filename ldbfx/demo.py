@@ -1,5 +1,8 @@
 """``ldbfx demo``: baseline vs LayerDropBack on embedded real data, with an honest speed-up.
 
+With ``--dropbp [RATE]`` a third run trains with DropBP (whole residual branches dropped, dX and
+dW, at every step) and gets its own column.
+
 Both runs use the same seed, data order, epochs and model. The demo then splits LDB's gain per
 sample into its two sources, measured directly on the LDB model:
 
@@ -69,7 +72,7 @@ def decompose_speedup(config: TrainConfig, steps: int = 4, rounds: int = 5) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _table(base: RunResult, ldb: RunResult, parts: dict[str, float]) -> str:
+def _table(base: RunResult, ldb: RunResult, parts: dict[str, float], dropbp: RunResult | None = None) -> str:
     speedup = base.train_time / ldb.train_time - 1
     drop_rows = [r for r in ldb.history if r["mode"] == "drop"]
     full_rows = [r for r in ldb.history if r["mode"] == "full"]
@@ -97,18 +100,31 @@ def _table(base: RunResult, ldb: RunResult, parts: dict[str, float]) -> str:
         ("  from larger batch (kappa)", "", f"{100 * from_batch:.0f}% of that gain"),
         ("  from skipped dW", "", f"{100 * (1 - from_batch):.0f}% of that gain"),
     ]
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    if dropbp is not None:
+        # DropBP has no DROP epochs or larger batch: every step drops, at the batch size of B.
+        only = {
+            "": "DropBP", "train wall time (s)": f"{dropbp.train_time:.1f}",
+            "speed-up, wall clock (one run, noisy)": f"{100 * (base.train_time / dropbp.train_time - 1):+.1f}%",
+            "final test accuracy": f"{100 * dropbp.final_accuracy:.2f}%",
+            "DROP / full epochs": "every step",
+            "bwd FLOPs skipped in DROP epochs": "{:.1f}%".format(
+                100 * statistics.mean(r["bwd_flops_skipped"] for r in dropbp.history)),
+            "time/sample DROP epochs (ms)": f"{1e3 * statistics.mean(r['time_per_sample'] for r in dropbp.history):.3f}",
+        }
+        rows = [(*r, only.get(r[0], "-" if r[2] else "")) for r in rows]
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows)
 
 
-def _plot(base: RunResult, ldb: RunResult, path: str) -> None:
+def _plot(base: RunResult, ldb: RunResult, path: str, dropbp: RunResult | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for result, label in ((base, "baseline"), (ldb, "LayerDropBack")):
+    runs = ((base, "baseline"), (ldb, "LayerDropBack")) + (((dropbp, "DropBP"),) if dropbp else ())
+    for result, label in runs:
         epochs = [r["epoch"] for r in result.history]
         axes[0].plot(epochs, [r["train_loss"] for r in result.history], marker="o", label=label)
         axes[1].plot(epochs, [100 * r["test_acc"] for r in result.history], marker="o", label=label)
@@ -125,8 +141,10 @@ def _plot(base: RunResult, ldb: RunResult, path: str) -> None:
     plt.close(fig)
 
 
-def run_demo(config: TrainConfig, out_dir: str = "ldbfx-out", print_fn=print) -> dict:
-    """Runs baseline and LDB, prints the comparison, writes ``demo.png`` and ``demo.json``."""
+def run_demo(config: TrainConfig, out_dir: str = "ldbfx-out", print_fn=print,
+             dropbp_rate: float | None = None) -> dict:
+    """Runs baseline and LDB (and DropBP at ``dropbp_rate`` when given), prints the comparison,
+    writes ``demo.png`` and ``demo.json``."""
     os.makedirs(out_dir, exist_ok=True)
     print_fn(f"ldbfx demo: {config.model} on {config.data} ({config.epochs} epochs, batch "
              f"{config.batch_size}, seed {config.seed}); baseline first, then LayerDropBack "
@@ -138,12 +156,18 @@ def run_demo(config: TrainConfig, out_dir: str = "ldbfx-out", print_fn=print) ->
 
     base = train(replace(config, policy="none"), on_epoch=report("baseline"))
     ldb = train(replace(config, policy="ldb"), on_epoch=report("LDB"))
+    dropbp = None
+    if dropbp_rate is not None:
+        print_fn(f"  then DropBP (every eligible residual branch dropped with p = {dropbp_rate} at every step)")
+        dropbp = train(replace(config, policy="dropbp", drop_rate=dropbp_rate), on_epoch=report("DropBP"))
     parts = decompose_speedup(config)
-    table = _table(base, ldb, parts)
+    table = _table(base, ldb, parts, dropbp)
     print_fn("\n" + table)
-    _plot(base, ldb, os.path.join(out_dir, "demo.png"))
+    _plot(base, ldb, os.path.join(out_dir, "demo.png"), dropbp)
     write_log(base, out_dir, "baseline")
     write_log(ldb, out_dir, "ldb")
+    if dropbp is not None:
+        write_log(dropbp, out_dir, "dropbp")
     figures = {
         "config": ldb.config, "baseline": base.history, "ldb": ldb.history,
         "train_time": {"baseline": base.train_time, "ldb": ldb.train_time},
@@ -152,6 +176,11 @@ def run_demo(config: TrainConfig, out_dir: str = "ldbfx-out", print_fn=print) ->
         "seconds_per_sample": parts,
         "layers": {"total": ldb.layers_total, "eligible": ldb.layers_eligible},
     }
+    if dropbp is not None:
+        figures["dropbp"] = dropbp.history
+        figures["train_time"]["dropbp"] = dropbp.train_time
+        figures["final_accuracy"]["dropbp"] = dropbp.final_accuracy
+        figures["speedup_wall_clock_dropbp"] = base.train_time / dropbp.train_time - 1
     with open(os.path.join(out_dir, "demo.json"), "w") as f:
         json.dump(figures, f, indent=1)
     print_fn(f"\nwrote {out_dir}/demo.png, {out_dir}/demo.json and per-run logs")

@@ -1,4 +1,4 @@
-"""Inspection: the layer table, per-layer weight-gradient FLOPs, and the layer DAG.
+"""Inspection: the layer table, per-layer weight-gradient and per-branch FLOPs, and the layer DAG.
 
 networkx is imported inside :func:`to_networkx` only, so ``import ldbfx`` stays light.
 """
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from .module import LdbGraphModule
 
-__all__ = ["FlopReport", "weight_grad_flops", "summary", "to_networkx"]
+__all__ = ["FlopReport", "BranchFlopReport", "weight_grad_flops", "branch_flops", "summary", "to_networkx"]
 
 _aten = torch.ops.aten
 # Ops whose forward FLOPs equal the weight-gradient FLOPs of the parameter they consume.
@@ -130,6 +130,83 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
                 b.copy_(buffers[name])
     per_layer = tuple(f if i in saving else 0 for i, f in enumerate(counter.flops))
     return FlopReport(per_layer, total.get_total_flops())
+
+
+@dataclass(frozen=True)
+class BranchFlopReport:
+    """Backward FLOPs that dropping each residual branch alone saves.
+
+    Attributes:
+        saved: per branch (indexed like ``ldbfx.branches(gm)``), the backward FLOPs dropping it
+            alone skips (its dX and dW); 0 for branches that are not eligible.
+        backward: FLOPs of one full backward pass (nothing dropped).
+    """
+
+    saved: tuple[int, ...]
+    backward: int
+
+    def share(self, indices) -> float:
+        """Fraction of the backward FLOPs that dropping the branches ``indices`` skips (branches
+        of a ResNet or a transformer do not nest, so their savings add up)."""
+        return sum(self.saved[i] for i in indices) / self.backward if self.backward else 0.0
+
+
+def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlopReport:
+    """Measures, per eligible residual branch, the backward FLOPs that dropping it alone saves.
+
+    One forward+backward under ``FlopCounterMode`` with nothing dropped, then one per eligible
+    branch, in train mode with the same random numbers each. The model is left as it was:
+    buffers, the dropped branches (and whether a compile splits at them), the record of skipped
+    layers, and gradients (cleared).
+
+    Example:
+        >>> import torch, ldbfx
+        >>> class Block(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(8, 8)
+        ...     def forward(self, x):
+        ...         return x + self.fc(x)
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[Block() for _ in range(6)]))
+        >>> report = ldbfx.inspect.branch_flops(gm, torch.randn(2, 8))
+        >>> report.saved, report.backward
+        ((0, 512, 512, 512, 512, 0), 2816)
+        >>> round(report.share([1, 2]), 3)
+        0.364
+    """
+    from .branches import branches as _branches
+    from .branches import set_dropped_branches
+
+    state = gm.ldbfx_state
+    was_training, dropped, skipped, cut = gm.training, state.dropped_branches, set(state.skipped), state.branch_cut
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+    def count(drop: tuple[int, ...]) -> int:
+        set_dropped_branches(gm, drop)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            out = gm(*inputs, **kwinputs)
+        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        gm.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    gm.train()
+    try:
+        full = count(())
+        saved = tuple(full - count((b.index,)) if b.eligible else 0 for b in _branches(gm))
+    finally:
+        set_dropped_branches(gm, dropped)
+        state.branch_cut = cut  # measuring does not split a later compile into regions
+        state.skipped.clear()
+        state.skipped.update(skipped)
+        gm.train(was_training)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
+    return BranchFlopReport(saved, full)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

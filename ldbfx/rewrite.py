@@ -26,7 +26,7 @@ from typing import Any
 from torch import fx, nn
 
 from . import ops
-from .branches import Branch, build_branches, insert_gates, plan_branches
+from .branches import Branch, BranchNotFoundError, build_branches, insert_gates, plan_branches
 from .errors import NoEligibleLayerWarning
 from .handlers import GENERIC_PARAM, param_of
 from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
@@ -50,6 +50,8 @@ class TransformConfig:
         keep_last_blocks: residual branches of the last blocks that always train. Default: ``1``.
         branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it returns False always
             train. Default: ``None``.
+        extra_branches: names of layers, one inside each residual branch the discovery rule
+            misses or orients the wrong way (see :mod:`ldbfx.branches`). Default: ``()``.
     """
 
     keep_first: int = 4
@@ -58,8 +60,12 @@ class TransformConfig:
     keep_first_blocks: int = 1
     keep_last_blocks: int = 1
     branch_filter: Callable[[Branch], bool] | None = None
+    extra_branches: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.extra_branches, str) or not all(isinstance(n, str) for n in self.extra_branches):
+            raise TypeError("extra_branches must be a list of layer names (as ldbfx.layers names them), "
+                            f"got {self.extra_branches!r}")
         if self.branch_filter is not None and not callable(self.branch_filter):
             raise TypeError(f"branch_filter must be a callable (ldbfx.Branch) -> bool, got {self.branch_filter!r}")
         for name in ("keep_first", "keep_last", "keep_first_blocks", "keep_last_blocks"):
@@ -138,6 +144,7 @@ def transform(
     keep_first_blocks: int = 1,
     keep_last_blocks: int = 1,
     branch_filter: Callable[[Branch], bool] | None = None,
+    extra_branches: Iterable[str] = (),
     tracer_class: type[fx.Tracer] | None = None,
     tracer_kwargs: dict[str, Any] | None = None,
     leaf_modules: Iterable[type | str] = (),
@@ -171,6 +178,10 @@ def transform(
         keep_last_blocks: the last blocks whose residual branches always train. Default: ``1``.
         branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it is False always train.
             Default: ``None``.
+        extra_branches: layer names (as :func:`ldbfx.layers` names them), one inside each
+            residual branch the discovery rule misses (two paths with as many layers) or
+            orients the wrong way (a shortcut with more layers than its branch); the first add
+            with that layer on one operand only becomes a branch on that operand. Default: ``()``.
         tracer_class: a ``torch.fx.Tracer`` subclass to use instead of ldbfx's. Default: ``None``.
         tracer_kwargs: keyword arguments for ``tracer_class``. Default: ``None``.
         leaf_modules: module types or qualified names to keep as single calls. Default: ``()``.
@@ -207,7 +218,8 @@ def transform(
         >>> gm = ldbfx.transform(llama, example_kwargs={"input_ids": ids, "labels": ids})  # doctest: +SKIP
     """
     config = TransformConfig(keep_first, keep_last, filter, keep_first_blocks, keep_last_blocks,
-                             branch_filter)
+                             branch_filter, extra_branches if isinstance(extra_branches, str)
+                             else tuple(extra_branches))
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LdbGraphModule):
@@ -234,7 +246,8 @@ def transform(
     layers = build_layers(plans, model, keep_first=config.keep_first, keep_last=config.keep_last,
                           filter=config.filter)
     edges = layer_edges(traced.train_graph, plans)
-    branch_plans = plan_branches(traced.train_graph, plans)
+    extra = _extra_branch_layers(config, layers)
+    branch_plans = plan_branches(traced.train_graph, plans, extra)
     branch_records = build_branches(branch_plans, layers, keep_first_blocks=config.keep_first_blocks,
                                     keep_last_blocks=config.keep_last_blocks, filter=config.branch_filter)
     gated = [b.index if b.eligible else None for b in branch_records]
@@ -246,7 +259,8 @@ def transform(
         eval_index = lambda plan: layer_of_param.get(plan.param_ids[0])  # noqa: E731
         # The same branch in the other mode's graph: the same layers inside (by parameters).
         by_layers = {b.layers: g for b, g in zip(branch_plans, gated) if g is not None}
-        eval_branches = plan_branches(traced.eval_graph, eval_plans)
+        eval_extra = {i: extra[eval_index(p)] for i, p in enumerate(eval_plans) if eval_index(p) in extra}
+        eval_branches = plan_branches(traced.eval_graph, eval_plans, eval_extra, strict=False)
         eval_gated = [by_layers.get(tuple(eval_index(eval_plans[i]) for i in b.layers))
                       for b in eval_branches]
         _rewrite(traced.eval_graph, model, eval_plans, eval_index)
@@ -262,6 +276,17 @@ def transform(
     return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
                           edges, config, traced.attributes, branch_records,
                           tuple(b.inner for b in branch_plans))
+
+
+def _extra_branch_layers(config: TransformConfig, layers) -> dict[int, str]:
+    """``extra_branches`` as layer index -> name; an unknown name raises, listing the layers."""
+    index = {layer.name: layer.index for layer in layers}
+    unknown = [name for name in config.extra_branches if name not in index]
+    if unknown:
+        raise BranchNotFoundError(
+            f"extra_branches: no layer named {', '.join(repr(n) for n in unknown)}. Layers are: "
+            f"{', '.join(index) or '(none)'}")
+    return {index[name]: name for name in config.extra_branches}
 
 
 def _index_by_position(plans: list[LayerPlan]) -> Callable[[LayerPlan], int]:

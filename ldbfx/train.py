@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from . import data as datasets
 from .distributed import skip_dropped_allreduce
 from .errors import LdbfxError
-from .inspect import weight_grad_flops
+from .inspect import branch_flops, weight_grad_flops
 from .layers import layers as _layers
 from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
 from .rewrite import transform
@@ -247,6 +247,8 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     elif config.policy == "dropbp":
         policy = DropBP(net, optimizer, drop_rate=config.drop_rate, allocation=config.dropbp_allocation,
                         seed=config.seed)
+        probe = torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))])
+        flops = branch_flops(net, probe.to(config.device))
     if policy is not None:
         layers = _layers(net)
         result.layers_total, result.layers_eligible = len(layers), sum(l.eligible for l in layers)
@@ -306,6 +308,8 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             x, y = x.to(config.device, non_blocking=True), y.to(config.device, non_blocking=True)
             if flops is not None and dropping:
                 skipped_share += sum(flops.weight_grad[i] for i in policy.dropped_indices) / flops.backward
+            elif isinstance(policy, DropBP):  # dX and dW of whole branches, every step
+                skipped_share += flops.share(policy.dropped_indices)
             with _autocast(config):
                 logits = policy.forward(x, indices) if cached_forward else step_fn(x)
                 loss = F.cross_entropy(logits, y)
@@ -337,7 +341,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             "lr": lr * (policy.lr_factor if dropping else 1.0), "steps": steps,
             "train_loss": loss_sum / max(samples, 1), "test_acc": test_acc,
             "epoch_time": epoch_time, "time_per_sample": epoch_time / max(samples, 1),
-            "bwd_flops_skipped": skipped_share / steps if dropping and steps else 0.0,
+            "bwd_flops_skipped": skipped_share / steps if (dropping or isinstance(policy, DropBP)) and steps else 0.0,
         }
         if sent is not None:  # what this rank's DDP all-reduced per step, and left out
             row["allreduce_bytes"] = (comm.bytes_reduced - sent[0]) / max(steps, 1)

@@ -235,6 +235,52 @@ def test_adds_that_are_not_residuals_are_not_branches():
     assert ldbfx.branches(ldbfx.transform(NotResidual(), keep_first=0)) == ()
 
 
+class TieBlock(nn.Module):
+    """A shortcut with as many layers as the branch: the rule cannot tell them apart."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.short, self.fc = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.detach = False
+
+    def forward(self, x):
+        h = self.fc(torch.tanh(x))
+        return self.short(x) + (h.detach() if self.detach else h)
+
+
+def test_extra_branches_add_ties_and_reorient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), *[TieBlock() for _ in range(4)])
+    assert ldbfx.branches(ldbfx.transform(model)) == ()  # ties: no branch
+    gm = ldbfx.transform(model, extra_branches=[f"{i}.fc" for i in range(1, 5)])
+    records = ldbfx.branches(gm)
+    assert [(b.name, b.layers, b.skip_layers) for b in records] == [
+        (str(i), (f"{i}.fc",), (f"{i}.short",)) for i in range(1, 5)]
+    assert [b.eligible for b in records] == [False, True, True, False]
+    # The added branch behaves as its detached reference, bit for bit.
+    ref, x = copy.deepcopy(model), torch.randn(3, 4)
+    ref[2].detach = True
+    ldbfx.set_dropped_branches(gm, ["2"])
+    loss_of(gm(x)).backward()
+    loss_of(ref(x)).backward()
+    _assert_grads_equal(grads(model), grads(ref))
+    assert model[2].fc.weight.grad is None and model[2].short.weight.grad is not None
+    # A shortcut with fewer layers than the branch, named as the branch: the user's word wins.
+    records = ldbfx.branches(ldbfx.transform(Net(), extra_branches=["blocks.3.proj"]))
+    assert records[3].layers == ("blocks.3.proj",)
+    assert records[3].skip_layers == ("blocks.3.norm", "blocks.3.fc1", "blocks.3.fc2")
+    assert records[2].layers == ("blocks.2.norm", "blocks.2.fc1", "blocks.2.fc2", "blocks.2")  # the rule
+
+
+def test_extra_branches_bad_names():
+    with pytest.raises(ldbfx.BranchNotFoundError, match="no layer named 'blocks.9.fc'. Layers are: inp, "):
+        ldbfx.transform(Net(), extra_branches=["blocks.9.fc"])
+    with pytest.raises(ldbfx.BranchNotFoundError, match="no residual add has 'inp' on one operand"):
+        ldbfx.transform(Net(), extra_branches=["inp"])
+    with pytest.raises(TypeError, match="extra_branches must be a list of layer names"):
+        ldbfx.transform(Net(), extra_branches="blocks.1.fc1")
+
+
 # ---------------------------------------------------------------------------------------------
 # Zoo: discovery and the detached reference on real architectures.
 # ---------------------------------------------------------------------------------------------

@@ -35,13 +35,17 @@ def test_inspect_prints_the_table_and_writes_dot(tmp_path, capsys):
 def test_tiny_demo_writes_plot_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--epochs", "3", "--max-steps", "2", "--batch-size", "16", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--dropbp", "--out", str(out)]) == 0
     figures = json.loads((out / "demo.json").read_text())
-    assert set(figures["train_time"]) == {"baseline", "ldb"}
+    assert set(figures["train_time"]) == {"baseline", "ldb", "dropbp"}
     assert [r["mode"] for r in figures["ldb"]] == ["full", "full", "drop"]
+    # DropBP drops whole branches at every step: each epoch skips some backward FLOPs (6 eligible
+    # branches at p = 0.5 over 2 steps: all kept has probability 2**-12), never all of them.
+    assert all(0 < r["bwd_flops_skipped"] < 1 for r in figures["dropbp"])
     assert (out / "demo.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "speed-up, controlled estimate" in printed and "from skipped dW" in printed
+    assert ["baseline", "LayerDropBack", "DropBP"] in [line.split() for line in printed.splitlines()]
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
