@@ -18,12 +18,20 @@ variant for one warm-up step and ``--steps`` timed steps, in an order rotated pe
 minimum over rounds is kept (interference on a shared machine only adds time). Reported: the
 ideal's saving and ldbfx's over the baseline, ldbfx's share of the ideal's saving (target >= 90%),
 and the cost with nothing dropped (target <= 5%).
+
+The quieter protocol of 2026-12-02 (docs/benchmarks.md): one thread, single-step rounds, and
+glibc told to keep freed memory (otherwise every step's large buffers come back as fresh pages,
+and page faults, counted as system time, add more noise than the differences measured):
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
+        python benchmarks/compiled_path.py --models resnet50 vit_b_16 --threads 1 --rounds 20 --steps 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -148,7 +156,7 @@ def main(argv=None):
     lines = report(rows)
     print("\n".join(lines))
     if args.out:
-        meta = run_meta("cpu") | {"args": vars(args)}
+        meta = run_meta("cpu") | {"args": vars(args), "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "checks": lines}, f, indent=1)
 

@@ -183,3 +183,28 @@ def test_double_backward_in_dense_mode():
     want = penalty_grads(model, [model[8].weight, model[8].bias])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_cpu_conv_backward_kernel_mixed_layouts_and_drops():
+    """The CPU compiled path's one-call convolution backward: a gradient arriving contiguous
+    beside a channels_last input gives the values of aten's own call, in the fakes' layouts;
+    dropped, dW and db are zeros and the skip is recorded."""
+    from ldbfx.state import state_of
+
+    torch.manual_seed(0)
+    op = torch.ops.ldbfx.conv_backward.default
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w, grad = torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    want = torch.ops.aten.convolution_backward(grad, x.contiguous(), w, [5], *conv[:3], False, [0, 0], 1,
+                                               [True, True, True])
+    mask = _mask(3)
+    got = op(grad, x, w, mask, 1, *conv, True, True, True)
+    assert got[0].stride() == x.stride() and got[1].stride() == w.stride()
+    for g, r in zip(got, want):  # another kernel (channels_last): float64 leaves ~1e-15
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    mask[1] = True
+    gx, gw, gb = op(grad, x, w, mask, 1, *conv, True, True, True)
+    assert not gw.any() and not gb.any() and gw.shape == w.shape and gb.shape == (5,)
+    torch.testing.assert_close(gx, want[0], rtol=1e-10, atol=1e-10)
+    assert 1 in state_of(mask).skipped

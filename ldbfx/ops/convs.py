@@ -38,12 +38,20 @@ class _Conv(torch.autograd.Function):
         want_bias = ctx.with_bias and ctx.needs_input_grad[2]
         if not (want_x or want_weight or want_bias):
             return None, None, None, None, None, None, None, None, None
-        # dX is an ordinary aten call in the graph, so Inductor gives it the layouts it gives the
-        # untransformed model's (channels_last after its layout optimisation); only dW and db go
-        # through the mask-reading kernel. With one kernel call for both, the convolution backward
-        # ran slower than the ideal's on CPU ResNet-50 (docs/design.md): an opaque op's inputs get
-        # no layout constraint, and they arrived in mixed layouts.
+        # Decided when traced, by device (docs/design.md, "The compiled path: mechanisms compared"):
+        # * CPU: one kernel call computes dX, and dW/db unless dropped. oneDNN computes both in one
+        #   call faster than in two (ResNet-50: the two-call graph cost +5-13% with nothing
+        #   dropped, the one-call graph +2%); the kernel brings the gradient to the saved input's
+        #   layout, since an opaque op's inputs get no layout constraint from Inductor.
+        # * Elsewhere (CUDA: cuDNN runs dX and dW as separate kernels anyway): dX is an ordinary
+        #   aten call in the graph, so Inductor lays it out as in the untransformed model, and only
+        #   dW/db go through the mask-reading kernel.
         gx = gw = gb = None
+        if x.device.type == "cpu" and want_x and (want_weight or want_bias):
+            gx, gw, gb = kernel("conv_backward")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
+                                                 groups, True, want_weight, want_bias)
+            return (gx, gw if want_weight else None, gb if want_bias else None,
+                    None, None, None, None, None, None)
         if want_x:
             gx = _aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
                                             [0] * len(stride), groups, [True, False, False])[0]
