@@ -70,6 +70,9 @@ def matched_dropbp_rate(config: TrainConfig, probe: int = 16) -> dict:
     drop_share = sum(is_drop_epoch(e, config.period) for e in range(config.epochs)) / config.epochs
     ldb_saved = drop_share * config.drop_rate * (full - without_dw) / full
     branch_share = (full - without_branches) / full
+    if not 0 < ldb_saved < branch_share:
+        raise SystemExit(f"no DropBP rate in (0, 1) matches LDB here: LDB saves {ldb_saved:.1%} of the backward, "
+                         f"the eligible branches hold {branch_share:.1%}")
     return {"backward_flops": full, "eligible_dw_share": (full - without_dw) / full,
             "eligible_branch_share": branch_share, "drop_epoch_share": drop_share,
             "ldb_saved_share": ldb_saved, "dropbp_rate": ldb_saved / branch_share}

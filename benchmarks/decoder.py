@@ -168,7 +168,7 @@ def main() -> None:
         f = row["fraction"]
         row["ms_model"], row["ms_detached"], row["ms_branch"] = (
             round(best[k], 2) for k in ("model", f"detached@{f}", f"branch@{f}"))
-        if f"compiled branch@{f}" in best:
+        if f"compiled branch@{f}" in best and "compiled model" in best:
             row["compiled ms_model"] = round(best["compiled model"], 2)
             row["compiled ms_branch"] = round(best[f"compiled branch@{f}"], 2)
     for row in results["rows"]:

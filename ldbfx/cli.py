@@ -172,11 +172,31 @@ def _config(args, **overrides):
     return TrainConfig(**fields)
 
 
+def _check_branches(model: str) -> None:
+    """--dropbp: refused before any training when the model has no droppable residual branch."""
+    import warnings
+
+    import torch
+
+    from .branches import branches
+    from .rewrite import transform
+    from .train import build_model
+
+    with warnings.catch_warnings(), torch.device("meta"):  # the structure only: no weights allocated
+        warnings.simplefilter("ignore")
+        records = branches(transform(build_model(model, 10)))
+    if not any(b.eligible for b in records):
+        raise UsageError(f"--dropbp: {model} has no droppable residual branch "
+                         f"({len(records)} found, none eligible); see `ldbfx inspect {model}`")
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
     _check_run(args)
 
+    if args.dropbp is not None:
+        _check_branches(args.model)
     run_demo(_config(args, data="digits"), out_dir=args.out, dropbp_rate=args.dropbp)
     return 0
 

@@ -158,7 +158,9 @@ def run_demo(config: TrainConfig, out_dir: str = "ldbfx-out", print_fn=print,
     ldb = train(replace(config, policy="ldb"), on_epoch=report("LDB"))
     dropbp = None
     if dropbp_rate is not None:
-        print_fn(f"  then DropBP (every eligible residual branch dropped with p = {dropbp_rate} at every step)")
+        rates = (f"with p = {dropbp_rate}" if config.dropbp_allocation == "uniform"
+                 else f"with sensitivity-allocated rates averaging {dropbp_rate} of the FLOPs")
+        print_fn(f"  then DropBP (eligible residual branches dropped {rates} at every step)")
         dropbp = train(replace(config, policy="dropbp", drop_rate=dropbp_rate), on_epoch=report("DropBP"))
     parts = decompose_speedup(config)
     table = _table(base, ldb, parts, dropbp)

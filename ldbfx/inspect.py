@@ -146,18 +146,20 @@ class BranchFlopReport:
     backward: int
 
     def share(self, indices) -> float:
-        """Fraction of the backward FLOPs that dropping the branches ``indices`` skips (branches
-        of a ResNet or a transformer do not nest, so their savings add up)."""
+        """Fraction of the backward FLOPs that dropping the branches ``indices`` skips. Branches
+        found by the rule in ResNets and transformers do not nest, so their savings add up; for
+        nested branches (``extra_branches``) an inner one inside a dropped outer one counts twice."""
         return sum(self.saved[i] for i in indices) / self.backward if self.backward else 0.0
 
 
 def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlopReport:
     """Measures, per eligible residual branch, the backward FLOPs that dropping it alone saves.
 
-    One forward+backward under ``FlopCounterMode`` with nothing dropped, then one per eligible
-    branch, in train mode with the same random numbers each. The model is left as it was:
-    buffers, the dropped branches (and whether a compile splits at them), the record of skipped
-    layers, and gradients (cleared).
+    One forward+backward under ``FlopCounterMode`` with nothing dropped (no branch, no layer, no
+    frozen rows), then one per eligible branch, in train mode with the same random numbers each.
+    The model is left as it was: buffers, random generators, dropped branches and layers, frozen
+    rows, whether a compile splits at branches, the record of skipped layers; gradients are
+    cleared.
 
     Example:
         >>> import torch, ldbfx
@@ -178,15 +180,22 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
     from .branches import set_dropped_branches
 
     state = gm.ldbfx_state
-    was_training, dropped, skipped, cut = gm.training, state.dropped_branches, set(state.skipped), state.branch_cut
+    was_training, skipped, cut = gm.training, set(state.skipped), state.branch_cut
+    dropped, branch_drops, rows, rows_exact = state.dropped, state.dropped_branches, state.rows, state.rows_exact
     buffers = {name: b.clone() for name, b in gm.named_buffers()}
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    # The same random numbers for every count (dropout), and the caller's generators untouched.
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
+
+    def restore_rng() -> None:
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
 
     def count(drop: tuple[int, ...]) -> int:
         set_dropped_branches(gm, drop)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            out = gm(*inputs, **kwinputs)
+        restore_rng()
+        out = gm(*inputs, **kwinputs)
         loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
         with FlopCounterMode(display=False) as counter:
             loss.backward()
@@ -194,11 +203,16 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
         return counter.get_total_flops()
 
     gm.train()
+    state.set_dropped(())  # "nothing dropped": no layer drops or frozen rows while counting
+    state.set_rows({}, rows_exact)
     try:
         full = count(())
         saved = tuple(full - count((b.index,)) if b.eligible else 0 for b in _branches(gm))
     finally:
-        set_dropped_branches(gm, dropped)
+        restore_rng()
+        state.set_dropped(dropped)
+        state.set_rows(rows, rows_exact)
+        set_dropped_branches(gm, branch_drops)
         state.branch_cut = cut  # measuring does not split a later compile into regions
         state.skipped.clear()
         state.skipped.update(skipped)

@@ -63,9 +63,13 @@ class TransformConfig:
     extra_branches: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.extra_branches, str) or not all(isinstance(n, str) for n in self.extra_branches):
+        names = self.extra_branches
+        if not isinstance(names, str) and isinstance(names, Iterable):
+            names = tuple(names)
+        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
             raise TypeError("extra_branches must be a list of layer names (as ldbfx.layers names them), "
                             f"got {self.extra_branches!r}")
+        object.__setattr__(self, "extra_branches", names)  # frozen: a tuple, hashable
         if self.branch_filter is not None and not callable(self.branch_filter):
             raise TypeError(f"branch_filter must be a callable (ldbfx.Branch) -> bool, got {self.branch_filter!r}")
         for name in ("keep_first", "keep_last", "keep_first_blocks", "keep_last_blocks"):
@@ -218,8 +222,7 @@ def transform(
         >>> gm = ldbfx.transform(llama, example_kwargs={"input_ids": ids, "labels": ids})  # doctest: +SKIP
     """
     config = TransformConfig(keep_first, keep_last, filter, keep_first_blocks, keep_last_blocks,
-                             branch_filter, extra_branches if isinstance(extra_branches, str)
-                             else tuple(extra_branches))
+                             branch_filter, extra_branches)
     if not isinstance(model, nn.Module):
         raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LdbGraphModule):

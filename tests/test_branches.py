@@ -244,7 +244,8 @@ class TieBlock(nn.Module):
         self.detach = False
 
     def forward(self, x):
-        h = self.fc(torch.tanh(x))
+        # p = 0: the values do not change, but train and eval trace two graphs (both gated).
+        h = torch.nn.functional.dropout(self.fc(torch.tanh(x)), 0.0, self.training)
         return self.short(x) + (h.detach() if self.detach else h)
 
 
@@ -265,6 +266,10 @@ def test_extra_branches_add_ties_and_reorient():
     loss_of(ref(x)).backward()
     _assert_grads_equal(grads(model), grads(ref))
     assert model[2].fc.weight.grad is None and model[2].short.weight.grad is not None
+    assert gm.eval_code != gm.code  # the eval graph gates the added branch too
+    model.zero_grad(set_to_none=True)
+    loss_of(gm.eval()(x)).backward()
+    assert model[2].fc.weight.grad is None and model[3].fc.weight.grad is not None
     # A shortcut with fewer layers than the branch, named as the branch: the user's word wins.
     records = ldbfx.branches(ldbfx.transform(Net(), extra_branches=["blocks.3.proj"]))
     assert records[3].layers == ("blocks.3.proj",)
@@ -279,6 +284,10 @@ def test_extra_branches_bad_names():
         ldbfx.transform(Net(), extra_branches=["inp"])
     with pytest.raises(TypeError, match="extra_branches must be a list of layer names"):
         ldbfx.transform(Net(), extra_branches="blocks.1.fc1")
+    with pytest.raises(TypeError, match="extra_branches must be a list of layer names"):
+        ldbfx.transform(Net(), extra_branches=None)
+    with pytest.raises(ldbfx.BranchNotFoundError, match="on both operands"):
+        ldbfx.transform(Net(), extra_branches=["blocks.3.proj", "blocks.3.fc1"])
 
 
 # ---------------------------------------------------------------------------------------------

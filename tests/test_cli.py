@@ -133,3 +133,16 @@ def test_bad_input_from_the_shell_has_no_traceback():
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("ldbfx train: error: unknown model") and "Traceback" not in run.stderr
+
+
+def test_demo_dropbp_refuses_a_model_without_branches_before_training(capfd, monkeypatch):
+    import ldbfx.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(ldbfx.train, "train", refuse)
+    assert _exit_code(["demo", "--model", "squeezenet1_0", "--dropbp"]) == 2
+    out, err = capfd.readouterr()
+    assert err.strip() == ("ldbfx demo: error: --dropbp: squeezenet1_0 has no droppable residual branch "
+                           "(0 found, none eligible); see `ldbfx inspect squeezenet1_0`")

@@ -208,3 +208,31 @@ def test_cpu_conv_backward_kernel_mixed_layouts_and_drops():
     assert not gw.any() and not gb.any() and gw.shape == w.shape and gb.shape == (5,)
     torch.testing.assert_close(gx, want[0], rtol=1e-10, atol=1e-10)
     assert 1 in state_of(mask).skipped
+
+
+def test_compiled_path_convolution_double_backward():
+    """create_graph=True through the compiled path's convolution (CPU): dX stays differentiable
+    (the one-call kernel has no derivative, so a double backward takes aten's dX)."""
+    import warnings
+
+    import ldbfx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Conv2d(2, 2, 3, padding=1, dtype=torch.float64) for _ in range(6)])
+    gm = ldbfx.transform(model)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    want = [p.grad for p in model.parameters()]  # None for biases: dX does not depend on them
+    model.zero_grad(set_to_none=True)
+    with ops.compiled_path(), warnings.catch_warnings():
+        # Backprop through an op without a derivative only warns ("silently incorrect"): an error here.
+        warnings.simplefilter("error")
+        (gx,) = torch.autograd.grad(gm(x).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    assert any(w is not None for w in want)
+    for p, w in zip(model.parameters(), want):  # the same aten kernels, float64
+        if w is None:  # the compiled path's graph may reach the bias with a zero gradient
+            assert p.grad is None or not p.grad.any()
+        else:
+            torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)

@@ -45,9 +45,10 @@ class _Conv(torch.autograd.Function):
         #   layout, since an opaque op's inputs get no layout constraint from Inductor.
         # * Elsewhere (CUDA: cuDNN runs dX and dW as separate kernels anyway): dX is an ordinary
         #   aten call in the graph, so Inductor lays it out as in the untransformed model, and only
-        #   dW/db go through the mask-reading kernel.
+        #   dW/db go through the mask-reading kernel. So does a double backward (grad enabled here
+        #   means create_graph=True): the kernel has no derivative, aten's dX has one.
         gx = gw = gb = None
-        if x.device.type == "cpu" and want_x and (want_weight or want_bias):
+        if x.device.type == "cpu" and want_x and (want_weight or want_bias) and not torch.is_grad_enabled():
             gx, gw, gb = kernel("conv_backward")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
                                                  groups, True, want_weight, want_bias)
             return (gx, gw if want_weight else None, gb if want_bias else None,
