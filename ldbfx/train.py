@@ -229,14 +229,15 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(config.device.split(":")[0], enabled=config.amp == "fp16")
     policy = None
-    flops = None
+    flops = None  # LDB: per-layer dW FLOPs; DropBP: per-branch backward FLOPs
+    probe = (torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))]).to(config.device)
+             if config.policy in ("ldb", "dropbp") else None)  # what the FLOP counts run on
     result = RunResult(asdict(config))
     if config.policy == "ldb":
         policy = LayerDropBack(net, optimizer, drop_rate=config.drop_rate, period=config.period,
                                kappa=config.kappa, lr_scale=config.lr_scale, resample=config.resample,
                                seed=config.seed)
-        probe = torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))])
-        flops = weight_grad_flops(net, probe.to(config.device))
+        flops = weight_grad_flops(net, probe)
     elif config.policy == "cdb":
         policy = ChannelDropBack(net, optimizer, layer_rate=config.layer_rate, channel_rate=config.channel_rate,
                                  schedule=config.cdb_schedule, milestones=config.milestones, dim=config.cdb_dim,
@@ -247,8 +248,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     elif config.policy == "dropbp":
         policy = DropBP(net, optimizer, drop_rate=config.drop_rate, allocation=config.dropbp_allocation,
                         seed=config.seed)
-        probe = torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))])
-        flops = branch_flops(net, probe.to(config.device))
+        flops = branch_flops(net, probe)
     if policy is not None:
         layers = _layers(net)
         result.layers_total, result.layers_eligible = len(layers), sum(l.eligible for l in layers)

@@ -69,27 +69,13 @@ def _conv_weight_grad_impl(
 ) -> tuple[Tensor, Tensor]:
     """A convolution's dW and db, not computed when the layer is dropped; outputs not wanted come
     back empty. dX is an ordinary ``convolution_backward`` in the graph (see ``ops.convs``)."""
-    if bool(mask[index]):
-        state_of(mask).record_skipped(index)
-        return (torch.zeros_like(weight) if want_weight else grad.new_empty(0),
-                grad.new_zeros(weight.shape[0]) if with_bias else grad.new_empty(0))
-    rows = row_selection(mask, index)
-    if rows is not None:
-        gw, gb = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows, with_bias)
-    else:
-        _, gw, gb = _aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if with_bias else None, stride, padding, dilation,
-            False, [0] * len(stride), groups, [False, want_weight, with_bias])
-    if not want_weight:
-        gw = grad.new_empty(0)  # distinct empty tensors: outputs may not alias
-    elif gw.stride() != weight.stride():  # match the fake's layout (empty_like(weight))
-        gw = torch.empty_like(weight).copy_(gw)
-    return gw, gb if with_bias else grad.new_empty(0)
+    return _conv_backward_impl(grad, x, weight, mask, index, stride, padding, dilation, groups,
+                               False, want_weight, with_bias)[1:]
 
 
 def _conv_weight_grad_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_weight, with_bias):
-    return (torch.empty_like(weight) if want_weight else grad.new_empty(0),
-            grad.new_empty(weight.shape[0]) if with_bias else grad.new_empty(0))
+    return _conv_backward_fake(grad, x, weight, mask, index, stride, padding, dilation, groups,
+                               False, want_weight, with_bias)[1:]
 
 
 def _conv_backward_impl(
@@ -113,11 +99,12 @@ def _conv_backward_impl(
     channels_last: two calls cost 6-14% more; docs/design.md). An opaque op's inputs get no
     layout constraint from Inductor, so the incoming gradient may arrive contiguous while the
     saved input is channels_last; mixed layouts make oneDNN reorder, so the gradient is brought to
-    the input's layout first (one copy of an activation).
+    the input's layout first (one copy of an activation). Without dX (``conv_weight_grad``, the
+    split path) the gradient comes from the graph's own dX call, already in Inductor's layout.
     """
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last) \
-            and not grad.is_contiguous(memory_format=channels_last):
+    if want_input and channels_last is not None and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=channels_last) and not grad.is_contiguous(memory_format=channels_last):
         grad = grad.contiguous(memory_format=channels_last)
     dropped = bool(mask[index])
     rows = None if dropped else row_selection(mask, index)
@@ -140,8 +127,8 @@ def _conv_backward_impl(
     if rows is not None:
         gw, gb = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows, with_bias)
     if not want_weight:
-        gw = grad.new_empty(0)
-    elif gw.stride() != weight.stride():
+        gw = grad.new_empty(0)  # distinct empty tensors: outputs may not alias
+    elif gw.stride() != weight.stride():  # match the fake's layout (empty_like(weight))
         gw = torch.empty_like(weight).copy_(gw)
     return gx, gw, gb if with_bias else grad.new_empty(0)
 
