@@ -25,14 +25,23 @@ and page faults, counted as system time, add more noise than the differences mea
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/compiled_path.py --models resnet50 vit_b_16 --threads 1 --rounds 20 --steps 1
+
+``--unfilled-zeros`` adds ``ldbfx_unfilled``: ldbfx with the same drops but the dropped layers'
+zero dW left unwritten (garbage, so not a mode of ldbfx), to measure what writing the zeros costs.
+``--profile 3`` adds, per variant, the ``aten::copy_`` calls per step and the time of the
+convolution backward under ``torch.profiler`` (how the layout copies of 2026-12-02 were found).
+Each run compiles into a fresh Inductor cache directory unless ``--keep-inductor-cache``.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
 
 import torch
@@ -40,6 +49,7 @@ import torch.nn.functional as F
 
 import ldbfx
 from ldbfx.bench import make_model, run_meta
+from ldbfx.ops import kernels as ops_kernels
 from ldbfx.ops import path as ops_path
 
 
@@ -79,6 +89,15 @@ def bench(name: str, args) -> dict:
         variants["ldbfx0" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, []), lambda: None)
         variants["ldbfx" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, drop),
                                       lambda g=g: ldbfx.set_dropped(g, []))
+        if args.unfilled_zeros:
+            def unfilled(g=g):
+                ldbfx.set_dropped(g, drop)
+                ops_kernels._dropped_weight_grad = _unfilled
+
+            def filled(g=g):
+                ldbfx.set_dropped(g, [])
+                ops_kernels._dropped_weight_grad = _dropped_weight_grad
+            variants["ldbfx_unfilled" + suffix] = (compiled, mech, unfilled, filled)
 
     def step(module):
         for p in params:
@@ -118,8 +137,40 @@ def bench(name: str, args) -> dict:
         else:
             row[f"{n}_saving"] = 1 - best[n] / base
             row[f"{n}_share_of_ideal"] = row[f"{n}_saving"] / row["ideal_saving"]
+    if args.profile:
+        row["profile_per_step"] = {n: profile_copies(lambda n=n: run(n, args.profile), args.profile) for n in names}
     print(json.dumps(row), flush=True)
     return row
+
+
+_dropped_weight_grad = ops_kernels._dropped_weight_grad
+
+
+def _unfilled(like, shape, strides=None):
+    """Not a mode of ldbfx: dropped layers' dW left unwritten (garbage), to measure what writing
+    the zeros costs (``--unfilled-zeros``)."""
+    if strides is None:
+        return like.new_empty(shape)
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
+
+
+def profile_copies(steps, count: int) -> dict:
+    """Per step, under ``torch.profiler``: the ``aten::copy_`` calls (layout conversions among
+    them) and the self time of ``convolution_backward`` (what the layouts change). To explain a
+    difference, not to time it: the profiler's own cost per op is not small."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        steps()  # the warm-up step of ``run`` is profiled too: count + 1 steps
+    stats = {e.key: e for e in prof.key_averages()}
+    per_step = count + 1
+
+    def of(key):
+        e = stats.get(key)
+        return (0, 0.0) if e is None else (e.count / per_step, e.self_cpu_time_total / 1e3 / per_step)
+
+    (copies, copy_ms), (_, conv_ms) = of("aten::copy_"), of("aten::convolution_backward")
+    return {"copies": copies, "copy_ms": round(copy_ms, 1), "convolution_backward_ms": round(conv_ms, 1)}
 
 
 def report(rows) -> list[str]:
@@ -127,9 +178,10 @@ def report(rows) -> list[str]:
     for r in rows:
         for key, value in r.items():
             if key.endswith("_share_of_ideal"):
+                verdict = ("(zeros unwritten: not a mode, no target)" if "unfilled" in key
+                           else f"(target 90%) {'PASS' if value >= 0.9 else 'FAIL'}")
                 lines.append(f"{r['model']}: {key[:-15]} saves {100 * r[key[:-15] + '_saving']:.1f}% vs ideal "
-                             f"{100 * r['ideal_saving']:.1f}% -> {100 * value:.0f}% of ideal (target 90%) "
-                             f"{'PASS' if value >= 0.9 else 'FAIL'}")
+                             f"{100 * r['ideal_saving']:.1f}% -> {100 * value:.0f}% of ideal {verdict}")
             elif key.endswith("_cost"):
                 lines.append(f"{r['model']}: {key[:-5]} costs {100 * value:+.1f}% with nothing dropped "
                              f"(target 5%) {'PASS' if value <= 0.05 else 'FAIL'}")
@@ -148,8 +200,21 @@ def main(argv=None):
                         help=f"compiled-path mechanisms to compare (of {list(ops_path.MECHANISMS)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 leaves the VM's other core to interference)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile STEPS steps per variant: copies and convolution_backward time")
+    parser.add_argument("--unfilled-zeros", action="store_true",
+                        help="add ldbfx_unfilled: dropped layers' dW left unwritten (garbage; not a mode of "
+                             "ldbfx), to measure what writing their zeros costs")
+    parser.add_argument("--keep-inductor-cache", action="store_true",
+                        help="reuse Inductor's on-disk cache (by default each run compiles afresh: the cache "
+                             "keys on the graph, not on the custom ops' tags, so it can serve code compiled "
+                             "before a change to them)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if not args.keep_inductor_cache:
+        cache = tempfile.mkdtemp(prefix="ldbfx-compiled-path-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [bench(name, args) for name in args.models]

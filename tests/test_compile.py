@@ -166,6 +166,21 @@ def test_mask_reading_ops_are_kept_out_of_cuda_graphs():
             assert torch.Tag.cudagraph_unsafe in op.tags, (mechanism, name)
 
 
+def test_convolution_kernels_get_the_layout_constraint_of_aten_convolution_backward():
+    # Without it Inductor realises some incoming gradients contiguous beside channels_last
+    # inputs (10 of ResNet-50's 53 convolutions), and each costs an activation-sized copy in the
+    # kernel (docs/design.md, "The compiled path: mechanisms compared").
+    from torch._library.utils import get_layout_constraint_tag
+
+    from ldbfx.ops.kernels import KERNELS
+
+    for mechanism, kernels in KERNELS.items():
+        for name, op in kernels.items():
+            op = getattr(op, "_opoverload", op)
+            want = torch.Tag.needs_fixed_stride_order if name.startswith("conv") else torch.Tag.flexible_layout
+            assert get_layout_constraint_tag(op) == want, (mechanism, name)
+
+
 def test_compiled_path_mechanisms_agree():
     # Both mechanisms (Library.define/impl, the default, and @custom_op) call the same Python
     # kernels with the same aten calls: the gradients are those of the same kernels, bitwise.

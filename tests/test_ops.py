@@ -199,15 +199,46 @@ def test_cpu_conv_backward_kernel_mixed_layouts_and_drops():
     want = torch.ops.aten.convolution_backward(grad, x.contiguous(), w, [5], *conv[:3], False, [0, 0], 1,
                                                [True, True, True])
     mask = _mask(3)
-    got = op(grad, x, w, mask, 1, *conv, True, True, True)
+    got = op(grad, x, w, mask, 1, *conv, True, True, True, False)
     assert got[0].stride() == x.stride() and got[1].stride() == w.stride()
     for g, r in zip(got, want):  # another kernel (channels_last): float64 leaves ~1e-15
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     mask[1] = True
-    gx, gw, gb = op(grad, x, w, mask, 1, *conv, True, True, True)
+    gx, gw, gb = op(grad, x, w, mask, 1, *conv, True, True, True, False)
     assert not gw.any() and not gb.any() and gw.shape == w.shape and gb.shape == (5,)
     torch.testing.assert_close(gx, want[0], rtol=1e-10, atol=1e-10)
     assert 1 in state_of(mask).skipped
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("dropped", [False, True])
+def test_conv_kernels_return_weight_grad_in_the_parameter_layout(kernel_size, dropped):
+    """Inductor's layout optimisation hands the kernels a channels_last copy of the weight; with
+    ``contiguous_weight_grad`` dW comes back contiguous (what the fake promises and ``.grad``
+    holds), so autograd makes no transposing copy, least of all of a dropped layer's zeros."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).to(memory_format=cl)
+    w = torch.randn(5, 4, kernel_size, kernel_size, dtype=torch.float64)
+    grad = torch.randn(2, 5, 6, 6, dtype=torch.float64).to(memory_format=cl)
+    conv = ([1, 1], [kernel_size // 2] * 2, [1, 1], 1)
+    want = torch.ops.aten.convolution_backward(grad, x, w, None, *conv[:3], False, [0, 0], 1,
+                                               [True, True, False])
+    mask = _mask(3)
+    mask[1] = dropped
+    for name, outputs in (("conv_backward", (True,)), ("conv_weight_grad", ())):
+        op = getattr(torch.ops.ldbfx, name).default
+        args = (grad, x, w.to(memory_format=cl), mask, 1, *conv, *outputs, True, False, True)
+        got = op(*args)
+        gw = got[-2]
+        assert gw.shape == w.shape and gw.stride() == w.stride(), (name, gw.stride())
+        if dropped:
+            assert not gw.any()
+        else:  # the same aten call on the same operands; float64
+            torch.testing.assert_close(gw, want[1], rtol=1e-10, atol=1e-10)
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+        assert fake[-2].stride() == gw.stride(), name
 
 
 def test_compiled_path_convolution_double_backward():

@@ -47,10 +47,13 @@ class _Conv(torch.autograd.Function):
         #   aten call in the graph, so Inductor lays it out as in the untransformed model, and only
         #   dW/db go through the mask-reading kernel. So does a double backward (grad enabled here
         #   means create_graph=True): the kernel has no derivative, aten's dX has one.
+        # dW in the parameter's layout when traced (contiguous, usually) rather than the saved
+        # weight's, which Inductor may have made channels_last: see ``ops.kernels``.
+        contiguous_weight_grad = weight.is_contiguous()
         gx = gw = gb = None
         if x.device.type == "cpu" and want_x and (want_weight or want_bias) and not torch.is_grad_enabled():
             gx, gw, gb = kernel("conv_backward")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
-                                                 groups, True, want_weight, want_bias)
+                                                 groups, True, want_weight, want_bias, contiguous_weight_grad)
             return (gx, gw if want_weight else None, gb if want_bias else None,
                     None, None, None, None, None, None)
         if want_x:
@@ -58,7 +61,7 @@ class _Conv(torch.autograd.Function):
                                             [0] * len(stride), groups, [True, False, False])[0]
         if want_weight or want_bias:
             gw, gb = kernel("conv_weight_grad")(grad, x, weight, mask, ctx.index, stride, padding, dilation,
-                                                groups, want_weight, want_bias)
+                                                groups, want_weight, want_bias, contiguous_weight_grad)
         return (gx if want_x else None, gw if want_weight else None, gb if want_bias else None,
                 None, None, None, None, None, None)
 

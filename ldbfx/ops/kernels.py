@@ -19,18 +19,24 @@ from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selectio
 
 # --------------------------------------------------------------------------------------------
 # Opaque weight-gradient kernels for the compiled path. They read the mask at run time.
-# ``flexible_layout`` and returning exactly the strides of the fake keep Inductor from inserting
-# layout copies around them (the prototype in the core issue measured +27% on a channels_last
-# CNN backward without them).
+# They return exactly the strides of their fakes, so Inductor inserts no layout copies after them
+# (the prototype in the core issue measured +27% on a channels_last CNN backward without that).
+#
+# How Inductor lays out their inputs (a layout tag per op, see ``_LAYOUT`` below):
+# * convolutions: ``needs_fixed_stride_order``, what Inductor gives ``aten.convolution_backward``:
+#   the incoming gradient in the traced graph's stride order (channels_last after Inductor's
+#   layout optimisation), written that way by the fused kernel that computes it. Under
+#   ``flexible_layout`` Inductor realised 10 of ResNet-50's 53 incoming gradients contiguous
+#   beside a channels_last input, and each cost an activation-sized copy (or a reorder in oneDNN).
+# * the others: ``flexible_layout`` (2-D operands, or a copy of whatever arrives).
 # --------------------------------------------------------------------------------------------
 #
 # ``cudagraph_unsafe``: each of these decides on the host, from the CPU mask, what to compute. A
 # CUDA graph recorded around one (``torch.compile(mode="reduce-overhead")``) would replay the
 # branch taken while recording, and gradients would be silently stale when the mask changes. The
 # tag makes Inductor keep them out of CUDA graphs (a partition boundary, or no CUDA graph for that
-# region). It exists from torch 2.9; older versions get only the first tag.
-_TAGS = (torch.Tag.flexible_layout,) + tuple(
-    tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+# region). It exists from torch 2.9.
+_CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
 def _linear_weight_grad_impl(
@@ -39,7 +45,7 @@ def _linear_weight_grad_impl(
     out_features = grad2d.shape[1] if with_bias else 0
     if bool(mask[index]):
         state_of(mask).record_skipped(index)
-        return grad2d.new_zeros(grad2d.shape[1], x2d.shape[1]), grad2d.new_zeros(out_features)
+        return _dropped_weight_grad(grad2d, (grad2d.shape[1], x2d.shape[1])), grad2d.new_zeros(out_features)
     rows = row_selection(mask, index)
     if rows is not None:
         grad_w, grad_b = _linear_weight_grad_rows(grad2d, x2d, rows, with_bias)
@@ -66,16 +72,18 @@ def _conv_weight_grad_impl(
     groups: int,
     want_weight: bool,
     with_bias: bool,
+    contiguous_weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """A convolution's dW and db, not computed when the layer is dropped; outputs not wanted come
     back empty. dX is an ordinary ``convolution_backward`` in the graph (see ``ops.convs``)."""
     return _conv_backward_impl(grad, x, weight, mask, index, stride, padding, dilation, groups,
-                               False, want_weight, with_bias)[1:]
+                               False, want_weight, with_bias, contiguous_weight_grad)[1:]
 
 
-def _conv_weight_grad_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_weight, with_bias):
+def _conv_weight_grad_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_weight, with_bias,
+                           contiguous_weight_grad):
     return _conv_backward_fake(grad, x, weight, mask, index, stride, padding, dilation, groups,
-                               False, want_weight, with_bias)[1:]
+                               False, want_weight, with_bias, contiguous_weight_grad)[1:]
 
 
 def _conv_backward_impl(
@@ -91,16 +99,22 @@ def _conv_backward_impl(
     want_input: bool,
     want_weight: bool,
     with_bias: bool,
+    contiguous_weight_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A convolution's dX, dW and db in one ``convolution_backward`` call (the CPU path); a
     dropped layer's dW and db are zeros, not computed. Outputs not wanted come back empty.
 
     oneDNN computes dX and dW faster in one call than in two (measured on ResNet-50's shapes,
-    channels_last: two calls cost 6-14% more; docs/design.md). An opaque op's inputs get no
-    layout constraint from Inductor, so the incoming gradient may arrive contiguous while the
-    saved input is channels_last; mixed layouts make oneDNN reorder, so the gradient is brought to
-    the input's layout first (one copy of an activation). Without dX (``conv_weight_grad``, the
-    split path) the gradient comes from the graph's own dX call, already in Inductor's layout.
+    channels_last: two calls cost 6-14% more; docs/design.md). Inductor hands the incoming
+    gradient over in the traced graph's stride order (``needs_fixed_stride_order``); where that
+    order is contiguous beside a channels_last input (after a global pool), the gradient is
+    brought to the input's layout here, which oneDNN would otherwise do less well itself.
+
+    ``contiguous_weight_grad``: dW is returned contiguous (the parameter's layout when traced)
+    rather than in the layout of the saved ``weight``, which Inductor's layout optimisation makes
+    channels_last. ``AccumulateGrad`` steals a gradient only in the parameter's layout and copies
+    any other, so a kept layer's copy moves here (the same bytes) and a dropped layer's zeros are
+    written once, where they stay.
     """
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     if want_input and channels_last is not None and not x.is_contiguous() \
@@ -118,25 +132,66 @@ def _conv_backward_impl(
             [0] * len(stride), groups, [want_input, fused_weight, fused_bias])
     if not want_input:
         gx = grad.new_empty(0)
-    elif gx.stride() != x.stride():  # match the fake's layout (empty_like(x))
-        gx = torch.empty_like(x).copy_(gx)
+    elif gx.stride() != x.stride():  # the fake's layout is empty_like(x)'s
+        dense = x.is_contiguous() or (channels_last is not None and x.is_contiguous(memory_format=channels_last))
+        gx = _strided_as(gx, x.stride() if dense else torch.empty_like(x).stride())
+    weight_strides = _weight_grad_strides(weight, contiguous_weight_grad)
     if dropped:
-        gw = torch.zeros_like(weight) if want_weight else grad.new_empty(0)
+        gw = _dropped_weight_grad(weight, weight.shape, weight_strides) if want_weight else grad.new_empty(0)
         gb = grad.new_zeros(weight.shape[0]) if with_bias else grad.new_empty(0)
         return gx, gw, gb
     if rows is not None:
         gw, gb = _conv_weight_grad_rows(grad, x, weight, stride, padding, dilation, groups, rows, with_bias)
-    if not want_weight:
-        gw = grad.new_empty(0)  # distinct empty tensors: outputs may not alias
-    elif gw.stride() != weight.stride():  # match the fake's layout (empty_like(weight))
-        gw = torch.empty_like(weight).copy_(gw)
+    # Distinct empty tensors where not wanted: outputs may not alias.
+    gw = _strided_as(gw, weight_strides) if want_weight else grad.new_empty(0)
     return gx, gw, gb if with_bias else grad.new_empty(0)
 
 
+def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[int] | None = None) -> Tensor:
+    """A dropped layer's weight gradient: zeros, the one cost of a dropped layer that freezing
+    does not pay (memory traffic: 25.6 MB per ResNet-50 step at 30% dropped; a memset on a GPU).
+    ``benchmarks/compiled_path.py --unfilled-zeros`` replaces this function to measure it."""
+    if strides is None:
+        return like.new_zeros(shape)
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device).zero_()
+
+
+def _weight_grad_strides(weight: Tensor, contiguous: bool) -> tuple[int, ...]:
+    """The strides the conv kernels' fakes promise for dW (see ``contiguous_weight_grad``)."""
+    if not contiguous:
+        return tuple(weight.stride())
+    strides, step = [], 1
+    for n in reversed(weight.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _new_strided(like: Tensor, strides: Sequence[int]) -> Tensor:
+    return torch.empty_strided(like.shape, strides, dtype=like.dtype, device=like.device)
+
+
+def _strided_as(t: Tensor, strides: Sequence[int]) -> Tensor:
+    """``t`` with exactly ``strides`` (what the fake promised): Inductor's code assumes them.
+
+    Strides of size-1 dimensions address no memory: oneDNN returns a 1x1 convolution's dW as
+    ``(C, 1, C, C)`` where a contiguous parameter has ``(C, 1, 1, 1)``, the same bytes. Those are
+    restrided, not copied (copying cost ResNet-50 36 weight-sized copies per step). Only a
+    different layout is copied.
+    """
+    strides = tuple(strides)
+    if t.stride() == strides:
+        return t
+    if t.storage_offset() == 0 and all(a == b for a, b, n in zip(t.stride(), strides, t.shape) if n != 1):
+        return t.as_strided(t.shape, strides)
+    return _new_strided(t, strides).copy_(t)
+
+
 def _conv_backward_fake(grad, x, weight, mask, index, stride, padding, dilation, groups, want_input,
-                        want_weight, with_bias):
+                        want_weight, with_bias, contiguous_weight_grad):
     return (torch.empty_like(x) if want_input else grad.new_empty(0),
-            torch.empty_like(weight) if want_weight else grad.new_empty(0),
+            _new_strided(weight, _weight_grad_strides(weight, contiguous_weight_grad)) if want_weight
+            else grad.new_empty(0),
             grad.new_empty(weight.shape[0]) if with_bias else grad.new_empty(0))
 
 
@@ -182,30 +237,33 @@ _SCHEMAS = {
     "linear_weight_grad": ("(Tensor grad2d, Tensor x2d, Tensor mask, int index, bool with_bias) -> (Tensor, Tensor)",
                            _linear_weight_grad_impl, _linear_weight_grad_fake),
     "conv_weight_grad": (("(Tensor grad, Tensor x, Tensor weight, Tensor mask, int index, int[] stride, "
-                          "int[] padding, int[] dilation, int groups, bool want_weight, bool with_bias) "
-                          "-> (Tensor, Tensor)"), _conv_weight_grad_impl, _conv_weight_grad_fake),
+                          "int[] padding, int[] dilation, int groups, bool want_weight, bool with_bias, "
+                          "bool contiguous_weight_grad) -> (Tensor, Tensor)"), _conv_weight_grad_impl, _conv_weight_grad_fake),
     "conv_backward": (("(Tensor grad, Tensor x, Tensor weight, Tensor mask, int index, int[] stride, "
                        "int[] padding, int[] dilation, int groups, bool want_input, bool want_weight, "
-                       "bool with_bias) -> (Tensor, Tensor, Tensor)"), _conv_backward_impl, _conv_backward_fake),
+                       "bool with_bias, bool contiguous_weight_grad) -> (Tensor, Tensor, Tensor)"), _conv_backward_impl, _conv_backward_fake),
     "embedding_weight_grad": (("(Tensor grad, Tensor indices, Tensor mask, int index, int num_weights, "
                                "int padding_idx, bool scale_grad_by_freq) -> Tensor"),
                               _embedding_weight_grad_impl, _embedding_weight_grad_fake),
     "masked_grad": ("(Tensor grad, Tensor mask, int index) -> Tensor", _masked_grad_impl, _masked_grad_fake),
 }
 
+_LAYOUT = {"conv_weight_grad": torch.Tag.needs_fixed_stride_order, "conv_backward": torch.Tag.needs_fixed_stride_order}
+
 _LIB = torch.library.Library("ldbfx", "FRAGMENT")
 #: mechanism -> kernel name -> the op the compiled backward calls.
 KERNELS: dict[str, dict[str, object]] = {"library": {}, "custom_op": {}}
 for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
-    _LIB.define(_name + _schema, tags=_TAGS)
+    _tags = (_LAYOUT.get(_name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE
+    _LIB.define(_name + _schema, tags=_tags)
     _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ldbfx::{_name}", _fake, lib=_LIB)
     KERNELS["library"][_name] = getattr(torch.ops.ldbfx, _name).default
     _op = torch.library.custom_op(f"ldbfx::{_name}_custom_op", _impl, mutates_args=(), schema=_schema,
-                                  tags=_TAGS)
+                                  tags=_tags)
     _op.register_fake(_fake)
     KERNELS["custom_op"][_name] = _op
-del _name, _schema, _impl, _fake, _op
+del _name, _schema, _impl, _fake, _op, _tags
 
 
 def kernel(name: str):
