@@ -181,6 +181,32 @@ def test_convolution_kernels_get_the_layout_constraint_of_aten_convolution_backw
             assert get_layout_constraint_tag(op) == want, (mechanism, name)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_backward_asks_for_weight_grads_in_the_parameter_layout(channels_last):
+    # _Conv.backward decides, when traced, the layout the kernels return dW in: the parameter's
+    # (contiguous unless the model was made channels_last), not that of the weight copy Inductor
+    # may save. Read off the backward graph AOTAutograd hands its compiler.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep_backward(gm, _):
+        graphs.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(7)])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    gm = ldbfx.transform(model)
+    torch.compile(gm, backend=backend)(torch.randn(2, 3, 5, 5)).sum().backward()
+    flags = [node.args[-1] for graph in graphs for node in graph.nodes
+             if node.op == "call_function" and str(node.target).startswith("ldbfx.conv")]
+    assert len(flags) == 7 and all(flag is (not channels_last) for flag in flags), flags
+
+
 def test_compiled_path_mechanisms_agree():
     # Both mechanisms (Library.define/impl, the default, and @custom_op) call the same Python
     # kernels with the same aten calls: the gradients are those of the same kernels, bitwise.

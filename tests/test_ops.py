@@ -241,6 +241,26 @@ def test_conv_kernels_return_weight_grad_in_the_parameter_layout(kernel_size, dr
         assert fake[-2].stride() == gw.stride(), name
 
 
+def test_conv_kernels_give_a_non_dense_weight_a_dense_weight_grad():
+    """A weight that is a view (a filter shared by expansion) gets a dense dW with the values of
+    aten's call, in the strides the fake promised (Inductor trusts the fake)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(1, 4, 3, 3, dtype=torch.float64).expand(5, 4, 3, 3)
+    grad = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    want = torch.ops.aten.convolution_backward(grad, x, w.contiguous(), None, *conv[:3], False, [0, 0], 1,
+                                               [True, True, False])
+    for name, outputs in (("conv_backward", (True,)), ("conv_weight_grad", ())):
+        op = getattr(torch.ops.ldbfx, name).default
+        args = (grad, x, w, _mask(3), 1, *conv, *outputs, True, False, False)
+        gw = op(*args)[-2]
+        with torch._subclasses.FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+        assert gw.stride() == fake[-2].stride() == (36, 9, 3, 1), name
+        torch.testing.assert_close(gw, want[1], rtol=1e-10, atol=1e-10)  # float64, same operands
+
+
 def test_compiled_path_convolution_double_backward():
     """create_graph=True through the compiled path's convolution (CPU): dX stays differentiable
     (the one-call kernel has no derivative, so a double backward takes aten's dX)."""

@@ -41,8 +41,8 @@ class _Conv(torch.autograd.Function):
         # Decided when traced, by device (docs/design.md, "The compiled path: mechanisms compared"):
         # * CPU: one kernel call computes dX, and dW/db unless dropped. oneDNN computes both in one
         #   call faster than in two (ResNet-50: the two-call graph cost +5-13% with nothing
-        #   dropped, the one-call graph +2%); the kernel brings the gradient to the saved input's
-        #   layout, since an opaque op's inputs get no layout constraint from Inductor.
+        #   dropped, the one-call graph +2%). Inductor hands the kernel its inputs in the layouts
+        #   it gives aten's convolution_backward (the kernels' layout tag, see ``ops.kernels``).
         # * Elsewhere (CUDA: cuDNN runs dX and dW as separate kernels anyway): dX is an ordinary
         #   aten call in the graph, so Inductor lays it out as in the untransformed model, and only
         #   dW/db go through the mask-reading kernel. So does a double backward (grad enabled here

@@ -148,7 +148,7 @@ def _conv_backward_impl(
 
 
 def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[int] | None = None) -> Tensor:
-    """A dropped layer's weight gradient: zeros, the one cost of a dropped layer that freezing
+    """A dropped linear's or convolution's weight gradient: zeros, the one cost of a dropped layer that freezing
     does not pay (memory traffic: 25.6 MB per ResNet-50 step at 30% dropped; a memset on a GPU).
     ``benchmarks/compiled_path.py --unfilled-zeros`` replaces this function to measure it (it did
     not show: leaving the zeros unwritten was no faster on that CPU)."""
@@ -158,11 +158,16 @@ def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[i
 
 
 def _weight_grad_strides(weight: Tensor, contiguous: bool) -> tuple[int, ...]:
-    """The strides the conv kernels' fakes promise for dW (see ``contiguous_weight_grad``)."""
+    """The strides the conv kernels' fakes promise for dW (see ``contiguous_weight_grad``): the
+    contiguous ones, or the weight's own where it is dense (channels_last), or, for a weight that
+    is not dense (expanded, sliced), the dense strides ``empty_like`` gives."""
     if not contiguous:
-        return tuple(weight.stride())
+        cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.dim())
+        if weight.is_contiguous() or (cl is not None and weight.is_contiguous(memory_format=cl)):
+            return tuple(weight.stride())
+        return tuple(torch.empty_like(weight).stride())
     strides, step = [], 1
-    for n in reversed(weight.shape):
+    for n in reversed(weight.shape):  # a parameter's shape: static under torch.compile
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
