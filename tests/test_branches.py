@@ -487,7 +487,9 @@ def test_dropbp_sensitivity_allocation_counts_flops_and_spends_the_target():
     gm = ldbfx.transform(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     policy = ldbfx.DropBP(gm, opt, drop_rate=0.4, allocation="sensitivity")
+    rng = torch.get_rng_state()
     rates = policy.allocate(lambda: loss_of(gm(x)))
+    assert torch.equal(torch.get_rng_state(), rng)  # the probes' seeding does not leak (nor on GPUs)
     assert set(rates) == {"blocks.1", "blocks.2", "blocks.3", "blocks.4"}
     assert all(v > 0 for v in policy.flops.values()) and all(v > 0 for v in policy.sensitivity.values())
     total = sum(policy.flops.values())

@@ -165,7 +165,11 @@ class DropBP:
         def gradient(dropped: tuple[int, ...]) -> tuple[list[torch.Tensor | None], int]:
             set_dropped_branches(self.gm, dropped)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
+                # Seed only what fork_rng restores (the CPU and the current CUDA device):
+                # torch.manual_seed would also reseed other GPUs, MPS and XPU for good.
+                torch.default_generator.manual_seed(self.seed)
+                if devices:
+                    torch.cuda.manual_seed(self.seed)
                 loss = closure()
             with FlopCounterMode(display=False) as counter:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
