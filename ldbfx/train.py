@@ -204,7 +204,8 @@ def evaluate(model: torch.nn.Module, dataset, config: TrainConfig) -> float:
 def train(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Trains ``config.model`` on ``config.data`` with or without LayerDropBack.
 
-    Returns a :class:`RunResult` with one history row per epoch: mode (``full``/``drop``), batch
+    Returns a :class:`RunResult` with one history row per epoch: mode (LDB's ``full``/``drop``;
+    ``full`` without a policy; for the policies that act on every step, their name), batch
     size, LR, train loss, test accuracy, epoch time, time per sample, and the drop statistics.
     Under ``torchrun`` every rank calls it (see the module docstring); rank 0's result is the run's.
     """
@@ -292,11 +293,14 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             compiled, compiled_for = torch.compile(step_fn), step_fn
         step_fn = compiled if config.compile else step_fn
         dropping = isinstance(policy, LayerDropBack) and policy.dropping
+        # LDB alternates full and DROP epochs; the other policies act on every step.
+        mode = "drop" if dropping else "full" if policy is None or isinstance(policy, LayerDropBack) \
+            else config.policy
         batch_size = policy.batch_size(config.batch_size) if policy is not None else config.batch_size
         world.check_batch(batch_size)
         loader = _loader(_Indexed(splits.train), batch_size, config.seed * 10_000 + epoch, world)
         steps = len(loader) if config.max_steps_per_epoch is None else min(len(loader), config.max_steps_per_epoch)
-        bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs} {'drop' if dropping else 'full'}",
+        bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs} {mode}",
                         config.progress and world.main)
         sent = (comm.bytes_reduced, comm.bytes_skipped) if comm is not None else None
         loss_sum, samples, skipped_share = 0.0, 0, 0.0
@@ -337,7 +341,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             dist.all_reduce(totals)
             loss_sum, samples, test_acc = totals[0].item(), int(totals[1].item()), totals[2].item()
         row = {
-            "epoch": epoch, "mode": "drop" if dropping else "full", "batch_size": batch_size,
+            "epoch": epoch, "mode": mode, "batch_size": batch_size,
             "lr": lr * (policy.lr_factor if dropping else 1.0), "steps": steps,
             "train_loss": loss_sum / max(samples, 1), "test_acc": test_acc,
             "epoch_time": epoch_time, "time_per_sample": epoch_time / max(samples, 1),

@@ -509,5 +509,6 @@ def test_train_with_dropbp_policy(tmp_path):
     result = train(TrainConfig(policy="dropbp", model="resnet18", epochs=2, batch_size=16, drop_rate=0.5,
                                max_steps_per_epoch=3, progress=False))
     assert len(result.history) == 2
+    assert [row["mode"] for row in result.history] == ["dropbp", "dropbp"]  # drops every step: not "full"
     assert all(0.0 <= row["actual_drop_rate"] <= 1.0 for row in result.history)
     assert any(row["actual_drop_rate"] > 0 for row in result.history)
