@@ -146,11 +146,9 @@ def bench(name: str, args) -> dict:
 _dropped_weight_grad = ops_kernels._dropped_weight_grad
 
 
-def _unfilled(like, shape, strides=None):
+def _unfilled(like, shape, strides):
     """Not a mode of ldbfx: dropped layers' dW left unwritten (garbage), to measure what writing
     the zeros costs (``--unfilled-zeros``)."""
-    if strides is None:
-        return like.new_empty(shape)
     return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
 
 

@@ -36,6 +36,7 @@ from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selectio
 # branch taken while recording, and gradients would be silently stale when the mask changes. The
 # tag makes Inductor keep them out of CUDA graphs (a partition boundary, or no CUDA graph for that
 # region). It exists from torch 2.9.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
@@ -45,7 +46,8 @@ def _linear_weight_grad_impl(
     out_features = grad2d.shape[1] if with_bias else 0
     if bool(mask[index]):
         state_of(mask).record_skipped(index)
-        return _dropped_weight_grad(grad2d, (grad2d.shape[1], x2d.shape[1])), grad2d.new_zeros(out_features)
+        shape = (grad2d.shape[1], x2d.shape[1])
+        return _dropped_weight_grad(grad2d, shape, _contiguous_strides(shape)), grad2d.new_zeros(out_features)
     rows = row_selection(mask, index)
     if rows is not None:
         grad_w, grad_b = _linear_weight_grad_rows(grad2d, x2d, rows, with_bias)
@@ -116,7 +118,7 @@ def _conv_backward_impl(
     any other, so a kept layer's copy moves here (the same bytes) and a dropped layer's zeros are
     written once, where they stay.
     """
-    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    channels_last = _CHANNELS_LAST.get(x.dim())
     if want_input and channels_last is not None and not x.is_contiguous() \
             and x.is_contiguous(memory_format=channels_last) and not grad.is_contiguous(memory_format=channels_last):
         grad = grad.contiguous(memory_format=channels_last)
@@ -132,9 +134,8 @@ def _conv_backward_impl(
             [0] * len(stride), groups, [want_input, fused_weight, fused_bias])
     if not want_input:
         gx = grad.new_empty(0)
-    elif gx.stride() != x.stride():  # the fake's layout is empty_like(x)'s
-        dense = x.is_contiguous() or (channels_last is not None and x.is_contiguous(memory_format=channels_last))
-        gx = _strided_as(gx, x.stride() if dense else torch.empty_like(x).stride())
+    elif gx.stride() != x.stride():
+        gx = _strided_as(gx, _empty_like_strides(x))  # the fake's layout
     weight_strides = _weight_grad_strides(weight, contiguous_weight_grad)
     if dropped:
         gw = _dropped_weight_grad(weight, weight.shape, weight_strides) if want_weight else grad.new_empty(0)
@@ -147,13 +148,12 @@ def _conv_backward_impl(
     return gx, gw, gb if with_bias else grad.new_empty(0)
 
 
-def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[int] | None = None) -> Tensor:
-    """A dropped linear's or convolution's weight gradient: zeros, the one cost of a dropped layer that freezing
-    does not pay (memory traffic: 25.6 MB per ResNet-50 step at 30% dropped; a memset on a GPU).
+def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[int]) -> Tensor:
+    """A dropped linear's or convolution's weight gradient: zeros, the one cost of a dropped layer
+    that freezing does not pay (memory traffic: 25.6 MB per ResNet-50 step at 30% dropped; a
+    memset on a GPU).
     ``benchmarks/compiled_path.py --unfilled-zeros`` replaces this function to measure it (it did
     not show: leaving the zeros unwritten was no faster on that CPU)."""
-    if strides is None:
-        return like.new_zeros(shape)
     return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device).zero_()
 
 
@@ -161,16 +161,25 @@ def _weight_grad_strides(weight: Tensor, contiguous: bool) -> tuple[int, ...]:
     """The strides the conv kernels' fakes promise for dW (see ``contiguous_weight_grad``): the
     contiguous ones, or the weight's own where it is dense (channels_last), or, for a weight that
     is not dense (expanded, sliced), the dense strides ``empty_like`` gives."""
-    if not contiguous:
-        cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.dim())
-        if weight.is_contiguous() or (cl is not None and weight.is_contiguous(memory_format=cl)):
-            return tuple(weight.stride())
-        return tuple(torch.empty_like(weight).stride())
+    return _contiguous_strides(weight.shape) if contiguous else _empty_like_strides(weight)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """``torch.empty(shape).stride()``, without allocating (shapes of parameters: static)."""
     strides, step = [], 1
-    for n in reversed(weight.shape):  # a parameter's shape: static under torch.compile
+    for n in reversed(shape):
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
+
+
+def _empty_like_strides(t: Tensor) -> tuple[int, ...]:
+    """The strides of ``torch.empty_like(t)`` (what the fakes return): ``t``'s own where it is
+    dense, read without allocating; the dense layout ``empty_like`` picks otherwise."""
+    channels_last = _CHANNELS_LAST.get(t.dim())
+    if t.is_contiguous() or (channels_last is not None and t.is_contiguous(memory_format=channels_last)):
+        return tuple(t.stride())
+    return tuple(torch.empty_like(t).stride())
 
 
 def _new_strided(like: Tensor, strides: Sequence[int]) -> Tensor:
