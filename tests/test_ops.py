@@ -234,7 +234,7 @@ def test_conv_kernels_return_weight_grad_in_the_parameter_layout(kernel_size, dr
         assert gw.shape == w.shape and gw.stride() == w.stride(), (name, gw.stride())
         if dropped:
             assert not gw.any()
-        else:  # the same aten call on the same operands; float64
+        else:  # aten on a channels_last copy of the weight: maybe another summation order, ~1e-15 in float64
             torch.testing.assert_close(gw, want[1], rtol=1e-10, atol=1e-10)
         with torch._subclasses.FakeTensorMode() as mode:
             fake = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
@@ -258,7 +258,8 @@ def test_conv_kernels_give_a_non_dense_weight_a_dense_weight_grad():
         with torch._subclasses.FakeTensorMode() as mode:
             fake = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
         assert gw.stride() == fake[-2].stride() == (36, 9, 3, 1), name
-        torch.testing.assert_close(gw, want[1], rtol=1e-10, atol=1e-10)  # float64, same operands
+        # An expanded vs a dense weight: maybe another summation order, ~1e-15 apart in float64.
+        torch.testing.assert_close(gw, want[1], rtol=1e-10, atol=1e-10)
 
 
 def test_compiled_path_convolution_double_backward():
