@@ -187,3 +187,20 @@ def test_deepcopy_with_dropped_layers_has_its_own_state_and_keeps_them_untouched
     opt.step()
     assert torch.equal(layer.weight, before)  # before: the copy's optimizer moved it
     assert ldbfx.dropped(gm) == ("5",) and model[5].weight.grad is None  # the original is apart
+
+
+def test_the_ops_mask_read_sees_every_write_and_reads_another_tensor_itself():
+    # The ops read the mask through a NumPy view of its memory (a hot-path shortcut): it must
+    # never lag behind the tensor, whoever writes it.
+    _, gm = make()
+    state = gm.ldbfx_state
+    for drop in (["5"], ["4", "6"], []):
+        ldbfx.set_dropped(gm, drop)
+        assert [state.is_dropped(state.mask, i) for i in range(8)] == state.mask.tolist()
+    state.mask[6] = True  # an in-place write that is not set_dropped's
+    assert state.is_dropped(state.mask, 6)
+    other = torch.zeros_like(state.mask)  # not the state's mask: read itself, not the view
+    assert not state.is_dropped(other, 6)
+    other[6] = False
+    other[5] = True
+    assert state.is_dropped(other, 5) and not state.is_dropped(state.mask, 5)

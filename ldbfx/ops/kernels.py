@@ -7,6 +7,7 @@ state (what the optimizer hook then leaves untouched); a kept layer's computes i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from ..state import state_of
 from . import path
-from .path import _aten
+from .path import _aten, _is_dropped
 from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selection
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ def _linear_weight_grad_impl(
     grad2d: Tensor, x2d: Tensor, mask: Tensor, index: int, with_bias: bool
 ) -> tuple[Tensor, Tensor]:
     out_features = grad2d.shape[1] if with_bias else 0
-    if bool(mask[index]):
+    if _is_dropped(mask, index):
         state_of(mask).record_skipped(index)
         shape = (grad2d.shape[1], x2d.shape[1])
         return _dropped_weight_grad(grad2d, shape, _contiguous_strides(shape)), grad2d.new_zeros(out_features)
@@ -122,7 +123,7 @@ def _conv_backward_impl(
     if want_input and channels_last is not None and not x.is_contiguous() \
             and x.is_contiguous(memory_format=channels_last) and not grad.is_contiguous(memory_format=channels_last):
         grad = grad.contiguous(memory_format=channels_last)
-    dropped = bool(mask[index])
+    dropped = _is_dropped(mask, index)
     rows = None if dropped else row_selection(mask, index)
     if dropped:
         state_of(mask).record_skipped(index)
@@ -164,8 +165,10 @@ def _weight_grad_strides(weight: Tensor, contiguous: bool) -> tuple[int, ...]:
     return _contiguous_strides(weight.shape) if contiguous else _empty_like_strides(weight)
 
 
+@functools.lru_cache(maxsize=4096)
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """``torch.empty(shape).stride()``, without allocating (shapes of parameters: static)."""
+    """``torch.empty(shape).stride()``, without allocating. Cached: the shapes are parameters',
+    static, and the kernels ask once per layer and step."""
     strides, step = [], 1
     for n in reversed(shape):
         strides.append(step)
@@ -214,7 +217,7 @@ def _embedding_weight_grad_impl(
     grad: Tensor, indices: Tensor, mask: Tensor, index: int, num_weights: int,
     padding_idx: int, scale_grad_by_freq: bool,
 ) -> Tensor:
-    if bool(mask[index]):
+    if _is_dropped(mask, index):
         state_of(mask).record_skipped(index)
         return grad.new_zeros(num_weights, grad.shape[-1])
     return _aten.embedding_backward(
@@ -227,7 +230,7 @@ def _embedding_weight_grad_fake(grad, indices, mask, index, num_weights, padding
 
 
 def _masked_grad_impl(grad: Tensor, mask: Tensor, index: int) -> Tensor:
-    if bool(mask[index]):
+    if _is_dropped(mask, index):
         state_of(mask).record_skipped(index)
         return torch.zeros_like(grad)
     return grad.clone()

@@ -128,8 +128,9 @@ class using_mechanism:
 
 
 def _is_dropped(mask: Tensor, index: int) -> bool:
-    # Eager only: a CPU tensor read, about a microsecond.
-    return bool(mask[index])
+    """Whether layer ``index`` is dropped now: a read of the CPU mask, no device sync (eager ops
+    when the forward runs, the kernels when the backward runs)."""
+    return state_of(mask).is_dropped(mask, index)
 
 
 def _detach(t: Tensor | None) -> Tensor | None:
