@@ -228,3 +228,57 @@ def test_compiled_path_mechanisms_agree():
     assert all(torch.equal(library[n], custom_op[n]) for n in library)
     with pytest.raises(ValueError, match="unknown compiled-path mechanism"):
         path.using_mechanism("cond")
+
+
+def _convolution_backward_calls(step, tmp_path) -> list:
+    """Every ``aten.convolution_backward`` one call of ``step`` makes, compiled code and ldbfx's
+    kernels alike, as the profiler records them: the operands' shapes and strides (those of
+    size-1 dimensions left out: they address nothing, and may differ for the same layout) and
+    which gradients it computes. (A TorchDispatchMode would not do: under one, torch.compile runs
+    the model eagerly.)"""
+    import json
+
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        step()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    calls = []
+    for event in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]:
+        if event.get("name") == "aten::convolution_backward":
+            args = event["args"]
+            layouts = tuple((tuple(shape), tuple(s for s, n in zip(strides, shape) if n != 1))
+                            for shape, strides in zip(args["Input Dims"][:3], args["Input Strides"][:3]))
+            calls.append((*layouts, args["Concrete Inputs"][-1]))  # output_mask, e.g. "[True, False, False]"
+    return sorted(calls)
+
+
+@pytest.mark.slow
+def test_compiled_path_runs_the_convolution_backward_of_the_untransformed_model_or_freezing(tmp_path):
+    # What makes the compiled path cost no more than the model it replaces: its kernels hand
+    # oneDNN the same operands in the same layouts as Inductor does in the untransformed model
+    # (nothing dropped), and a dropped convolution asks for what a frozen one does (dX only).
+    # A layout copy or a dW computed for nothing shows here as a differing call.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    gm = ldbfx.transform(model)
+    drop = [l for l in ldbfx.layers(gm) if l.eligible][::3]
+    x = torch.randn(4, 3, 32, 32)
+    plain, transformed = torch.compile(model), torch.compile(gm)
+
+    def step(module):
+        def run():
+            model.zero_grad(set_to_none=True)
+            module(x).square().mean().backward()
+        run()  # compile first, outside the recording
+        return _convolution_backward_calls(run, tmp_path)
+
+    full = step(plain)
+    assert len(full) == 20 and step(transformed) == full
+    ldbfx.set_dropped(gm, drop)
+    dropped = step(transformed)
+    for name in (p for l in drop for p in l.params):
+        model.get_parameter(name).requires_grad_(False)
+    assert dropped == step(plain)  # freezing, compiled for that mask
+    dropped_convolutions = sum(model.get_parameter(l.params[0]).dim() == 4 for l in drop)
+    assert sum(call[-1] == "[True, False, False]" for call in dropped) == dropped_convolutions > 0  # dX only
