@@ -82,7 +82,9 @@ class LdbState:
     def __init__(self, param_refs: tuple[tuple[ParamRef, ...], ...],
                  branch_layers: tuple[tuple[int, ...], ...] = ()):
         self.id = next(_IDS)
-        self.mask = torch.zeros(len(param_refs), dtype=torch.bool)
+        # On the CPU whatever the default device (a meta-device transform, set_default_device):
+        # reading it must never sync a device, and the ops read it through a NumPy view.
+        self.mask = torch.zeros(len(param_refs), dtype=torch.bool, device="cpu")
         self.mask._ldbfx_state_id = self.id
         # The ops read one entry per layer and step (:meth:`is_dropped`). Indexing the tensor
         # dispatches two ops (~2 us); an entry of a NumPy view of the same memory reads in ~0.1 us
@@ -96,7 +98,7 @@ class LdbState:
         self.dense = False
         self.dense_auto = True
         self.branch_layers = branch_layers
-        self.branch_mask = torch.zeros(len(branch_layers), dtype=torch.bool)
+        self.branch_mask = torch.zeros(len(branch_layers), dtype=torch.bool, device="cpu")
         self.dropped_branches: tuple[int, ...] = ()
         self.branch_cut = False
         _STATES[self.id] = self

@@ -247,6 +247,8 @@ def _convolution_backward_calls(step, tmp_path) -> list:
     for event in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]:
         if event.get("name") == "aten::convolution_backward":
             args = event["args"]
+            if "Input Strides" not in args or "Concrete Inputs" not in args:
+                pytest.skip("this torch build's profiler records no strides or concrete inputs")
             layouts = tuple((tuple(shape), tuple(s for s, n in zip(strides, shape) if n != 1))
                             for shape, strides in zip(args["Input Dims"][:3], args["Input Strides"][:3]))
             calls.append((*layouts, args["Concrete Inputs"][-1]))  # output_mask, e.g. "[True, False, False]"

@@ -204,3 +204,14 @@ def test_the_ops_mask_read_sees_every_write_and_reads_another_tensor_itself():
     other[6] = False
     other[5] = True
     assert state.is_dropped(other, 5) and not state.is_dropped(state.mask, 5)
+
+
+def test_the_mask_is_on_the_cpu_whatever_the_default_device():
+    # ldbfx's CLI transforms a meta-device model to count layers; a mask created on the default
+    # device would be meta there (and on a GPU under set_default_device: a sync per read).
+    with torch.device("meta"):
+        gm = ldbfx.transform(nn.Sequential(*[nn.Linear(6, 6) for _ in range(8)]))
+    state = gm.ldbfx_state
+    assert state.mask.device.type == state.branch_mask.device.type == "cpu"
+    ldbfx.set_dropped(gm, ["5"])
+    assert state.is_dropped(state.mask, 5) and not state.is_dropped(state.mask, 4)

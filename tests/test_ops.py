@@ -288,3 +288,17 @@ def test_compiled_path_convolution_double_backward():
             assert p.grad is None or not p.grad.any()
         else:
             torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)
+
+
+def test_contiguous_strides_of_a_symbolic_shape():
+    # The fakes ask for dW's strides too; under dynamic parameter shapes a size is a SymInt,
+    # which cannot key the cache the kernels use: computed, not cached.
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from ldbfx.ops.kernels import _contiguous_strides
+
+    env = ShapeEnv()
+    n = env.create_symintnode(env.create_symbol(5, source=ConstantSource("n")), hint=5)
+    assert _contiguous_strides(torch.Size([n, 3, 2])) == (6, 2, 1) == _contiguous_strides((5, 3, 2))
+    assert _contiguous_strides(torch.Size([3, n])) == (n, 1)

@@ -165,10 +165,18 @@ def _weight_grad_strides(weight: Tensor, contiguous: bool) -> tuple[int, ...]:
     return _contiguous_strides(weight.shape) if contiguous else _empty_like_strides(weight)
 
 
-@functools.lru_cache(maxsize=4096)
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """``torch.empty(shape).stride()``, without allocating. Cached: the shapes are parameters',
-    static, and the kernels ask once per layer and step."""
+    """``torch.empty(shape).stride()``, without allocating. Cached (the shapes are parameters',
+    static, and the kernels ask once per layer and step), except for a symbolic shape (a fake
+    kernel under dynamic parameter shapes), whose sizes cannot be hashed."""
+    try:
+        return _contiguous_strides_of(tuple(shape))
+    except TypeError:
+        return _contiguous_strides_of.__wrapped__(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_strides_of(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for n in reversed(shape):
         strides.append(step)
