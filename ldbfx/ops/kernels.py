@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..state import state_of
 from . import path
-from .path import _aten, _is_dropped
+from .path import _aten
 from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selection
 
 # --------------------------------------------------------------------------------------------
@@ -41,12 +41,21 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 _CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
 
 
+def _skipped(mask: Tensor, index: int) -> bool:
+    """Whether layer ``index`` is dropped as the backward runs; if so, records that this backward
+    skipped it (what the optimizer hook then leaves untouched). One state lookup for both."""
+    state = state_of(mask)
+    if state.is_dropped(mask, index):
+        state.record_skipped(index)
+        return True
+    return False
+
+
 def _linear_weight_grad_impl(
     grad2d: Tensor, x2d: Tensor, mask: Tensor, index: int, with_bias: bool
 ) -> tuple[Tensor, Tensor]:
     out_features = grad2d.shape[1] if with_bias else 0
-    if _is_dropped(mask, index):
-        state_of(mask).record_skipped(index)
+    if _skipped(mask, index):
         shape = (grad2d.shape[1], x2d.shape[1])
         return _dropped_weight_grad(grad2d, shape, _contiguous_strides(shape)), grad2d.new_zeros(out_features)
     rows = row_selection(mask, index)
@@ -123,10 +132,8 @@ def _conv_backward_impl(
     if want_input and channels_last is not None and not x.is_contiguous() \
             and x.is_contiguous(memory_format=channels_last) and not grad.is_contiguous(memory_format=channels_last):
         grad = grad.contiguous(memory_format=channels_last)
-    dropped = _is_dropped(mask, index)
+    dropped = _skipped(mask, index)
     rows = None if dropped else row_selection(mask, index)
-    if dropped:
-        state_of(mask).record_skipped(index)
     fused_weight = want_weight and not dropped and rows is None
     fused_bias = with_bias and not dropped and rows is None
     if want_input or fused_weight or fused_bias:
@@ -225,8 +232,7 @@ def _embedding_weight_grad_impl(
     grad: Tensor, indices: Tensor, mask: Tensor, index: int, num_weights: int,
     padding_idx: int, scale_grad_by_freq: bool,
 ) -> Tensor:
-    if _is_dropped(mask, index):
-        state_of(mask).record_skipped(index)
+    if _skipped(mask, index):
         return grad.new_zeros(num_weights, grad.shape[-1])
     return _aten.embedding_backward(
         grad, indices, num_weights, padding_idx, scale_grad_by_freq, False
@@ -238,8 +244,7 @@ def _embedding_weight_grad_fake(grad, indices, mask, index, num_weights, padding
 
 
 def _masked_grad_impl(grad: Tensor, mask: Tensor, index: int) -> Tensor:
-    if _is_dropped(mask, index):
-        state_of(mask).record_skipped(index)
+    if _skipped(mask, index):
         return torch.zeros_like(grad)
     return grad.clone()
 
