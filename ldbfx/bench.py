@@ -69,7 +69,7 @@ class Runner:
     def autocast(self):
         if self.amp is None:
             return nullcontext()
-        return torch.autocast(self.device, dtype=self.amp)
+        return torch.autocast(torch.device(self.device).type, dtype=self.amp)  # 'cuda:1' -> 'cuda'
 
     def loss(self):
         with self.autocast():
