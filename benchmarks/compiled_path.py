@@ -32,11 +32,11 @@ zero dW left unwritten (garbage, so not a mode of ldbfx), to measure what writin
 convolution backward under ``torch.profiler`` (how the layout copies of 2026-12-02 were found).
 Each run compiles into a fresh Inductor cache directory unless ``--keep-inductor-cache``.
 
-``--processes N`` runs all of that in N fresh processes, one after another, and pools each
-variant's minimum over all their rounds (each process's own figures are kept and printed too).
-Within one process the minimum is precise (two compiled copies of each variant agreed within
-1.6 ms), but processes differ by ~10 ms on ResNet-50: what a process draws when it starts only
-adds time, as interference does, so the floor is the minimum over processes too:
+``--processes N`` runs all of that in N fresh processes, one after another, and also pools each
+variant's minimum over all their rounds (see ``pooled``; each process's own figures are kept and
+printed, and they are the single-process protocol's). Within one process the minimum is precise
+(two compiled copies of each variant agreed within 1.6 ms), but processes differ by ~10 ms on
+ResNet-50; the pooled figure is the floor under the quietest process's conditions:
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/compiled_path.py --models resnet50 --threads 1 --rounds 20 --steps 1 --processes 3
@@ -164,15 +164,16 @@ def summarize(model: str, eligible: int, dropped: int, best: dict[str, float]) -
 def pooled(per_process: list[list[dict]]) -> list[dict]:
     """``--processes``: per model, each variant's minimum over the rounds of every process.
 
-    Interference only adds time, and so does what a process draws when it starts: where its
-    memory lands, what else the host runs meanwhile. Two compiled copies of each variant agree
-    within ~1.6 ms in one process while processes differ by ~10 ms (docs/benchmarks.md), so a
-    variant's floor is its minimum over processes as over rounds. The processes ran one after
-    another, never at once; each one's own row is kept under ``per_process``."""
+    The estimate of a variant's floor under the quietest conditions seen, on the assumption that
+    what differs between processes (where memory lands, what else the host runs meanwhile) only
+    adds time, as interference within a process does. Read it beside the processes' own rows
+    (kept under ``per_process``): where one process is fastest for every variant, the pooled row
+    *is* that process's, the best of N, not a typical process. The processes ran one after
+    another, never at once."""
     rows = []
     for model_rows in zip(*per_process):
         first = model_rows[0]
-        best = {n: min(r["ms"][n] for r in model_rows) / 1e3 for n in first["ms"]}
+        best = {n: min(min(r["rounds_ms"][n]) for r in model_rows) / 1e3 for n in first["rounds_ms"]}
         row = summarize(first["model"], first["layers_eligible"], first["layers_dropped"], best)
         row["per_process"] = list(model_rows)
         rows.append(row)
@@ -211,7 +212,7 @@ def report(rows) -> list[str]:
     lines = []
     for r in rows:
         for i, one in enumerate(r.get("per_process", ())):
-            lines += [f"  process {i + 1}: {line}" for line in report([one])]
+            lines += [f"  process {i + 1} alone (for information): {line}" for line in report([one])]
         if "per_process" in r:
             lines.append(f"{r['model']}, pooled over {len(r['per_process'])} processes (minimum per variant):")
         for key, value in r.items():
@@ -227,7 +228,8 @@ def report(rows) -> list[str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # No abbreviations: a child given "--proc 3" would start three children of its own.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
@@ -257,11 +259,11 @@ def main(argv=None):
         cache = tempfile.mkdtemp(prefix="ldbfx-compiled-path-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the children's setting, also in this run's metadata
     if args.processes > 1:
         rows = pooled([_child(argv if argv is not None else sys.argv[1:], i) for i in range(args.processes)])
     else:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         rows = [bench(name, args) for name in args.models]
         if args.rows_out:
             with open(args.rows_out, "w") as f:
@@ -281,13 +283,15 @@ def _child(argv: list[str], index: int) -> list[dict]:
     compiling most graphs), its rows read back from a file."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    argv = _without(argv, "--processes", "--out", "--rows-out") + ["--keep-inductor-cache", "--rows-out", path]
+    argv = _without(argv, "--processes", "--out", "--rows-out") + [
+        "--processes", "1", "--keep-inductor-cache", "--rows-out", path]
     print(f"process {index + 1}:", flush=True)
-    subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
-    with open(path) as f:
-        rows = json.load(f)
-    os.unlink(path)
-    return rows
+    try:
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+        with open(path) as f:
+            return json.load(f)
+    finally:
+        os.unlink(path)
 
 
 def _without(argv: list[str], *options: str) -> list[str]:

@@ -122,7 +122,7 @@ class Runner:
         return total
 
 
-def bench_model(name, args, fractions):
+def bench_model(name, args, fractions, on_row=None):
     device = args.device
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     torch.manual_seed(0)
@@ -207,6 +207,8 @@ def bench_model(name, args, fractions):
             row.update(_timed("compiled", compiled, params, args))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if on_row is not None:
+            on_row(row)
     if args.compile:
         row_compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         print(f"{name}: {row_compiles} graphs compiled in total (ldbfx: 1 for all masks)", flush=True)
@@ -285,15 +287,23 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
+
+    def save(checks: list[str]) -> None:
+        if args.out:
+            meta = run_meta(args.device)
+            meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}  # not the CLI handler
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
+
+    def keep(row: dict) -> None:  # written after every row, so a run cut short keeps what it measured
+        rows.append(row)
+        save([])
+
     for name in args.models:
-        rows += bench_model(name, args, args.fractions)
+        bench_model(name, args, args.fractions, on_row=keep)
     checks = check_targets(rows, args.compile)
     print("\n".join(checks))
-    if args.out:
-        meta = run_meta(args.device)
-        meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}  # not the CLI handler
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
+    save(checks)
     return rows
 
 

@@ -1,0 +1,50 @@
+"""The helpers of ``benchmarks/compiled_path.py --processes`` (no model is run here)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compiled_path.py"
+
+
+@pytest.fixture(scope="module")
+def compiled_path():
+    spec = importlib.util.spec_from_file_location("compiled_path", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_child_gets_the_arguments_without_the_parents_own(compiled_path):
+    argv = ["--models", "resnet50", "--processes", "3", "--out=x.json", "--rounds", "20", "--rows-out", "r"]
+    assert compiled_path._without(argv, "--processes", "--out", "--rows-out") == [
+        "--models", "resnet50", "--rounds", "20"]
+
+
+def test_an_abbreviated_option_is_refused(compiled_path):
+    # A child given "--proc 3" would otherwise start three children of its own, and so on.
+    with pytest.raises(SystemExit):
+        compiled_path.main(["--proc", "3"])
+
+
+def _process(compiled_path, rounds_ms):
+    """One process's rows, as a child writes them."""
+    row = compiled_path.summarize("m", 10, 3, {n: min(t) / 1e3 for n, t in rounds_ms.items()})
+    row["rounds_ms"] = rounds_ms
+    return [row]
+
+
+def test_pooling_takes_each_variants_minimum_over_every_process(compiled_path):
+    one = _process(compiled_path, {"baseline": [100.0, 104.0], "ideal": [90.0, 91.0],
+                                   "ldbfx0": [101.0, 103.0], "ldbfx": [95.0, 93.0]})
+    two = _process(compiled_path, {"baseline": [102.0, 98.0], "ideal": [92.0, 89.0],
+                                   "ldbfx0": [99.0, 100.0], "ldbfx": [96.0, 94.0]})
+    (row,) = compiled_path.pooled([one, two])
+    assert row["ms"] == {"baseline": 98.0, "ideal": 89.0, "ldbfx0": 99.0, "ldbfx": 93.0}
+    assert row["ldbfx_share_of_ideal"] == pytest.approx((98 - 93) / (98 - 89))
+    assert row["ldbfx0_cost"] == pytest.approx(99 / 98 - 1)
+    assert [p["ms"]["baseline"] for p in row["per_process"]] == [100.0, 98.0]
+    lines = compiled_path.report([row])
+    assert sum("alone (for information)" in line for line in lines) == 4
+    assert lines[4] == "m, pooled over 2 processes (minimum per variant):"
