@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.cuda,
 
 from contract import assert_close_to_scale  # noqa: E402
 
+
 def _small_cnn():
     # Few distinct convolution shapes, so max-autotune's tuning stays short; 9 layers, 4 eligible.
     block = lambda i, o: [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
