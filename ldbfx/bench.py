@@ -122,7 +122,8 @@ class Runner:
         return total
 
 
-def bench_model(name, args, fractions, on_row=None):
+def bench_model(name, args, fractions):
+    """Yields one row per fraction of ``name``'s eligible layers dropped, as each is measured."""
     device = args.device
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     torch.manual_seed(0)
@@ -140,7 +141,6 @@ def bench_model(name, args, fractions, on_row=None):
     order = list(range(len(eligible)))
     random.Random(0).shuffle(order)
     base, ours = Runner(model, x, y, device, amp), Runner(gm, x, y, device, amp)
-    rows = []
     report = ldbfx.inspect.weight_grad_flops(gm, x)
 
     compiled_base = compiled_ours = None
@@ -205,14 +205,11 @@ def bench_model(name, args, fractions, on_row=None):
             compiled = {"baseline": (compiled_base, plain, None), "ideal": (compiled_base, as_ideal, None),
                         "ldbfx": (compiled_ours, as_ldbfx, None)}
             row.update(_timed("compiled", compiled, params, args))
-        rows.append(row)
         print(json.dumps(row), flush=True)
-        if on_row is not None:
-            on_row(row)
+        yield row
     if args.compile:
         row_compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         print(f"{name}: {row_compiles} graphs compiled in total (ldbfx: 1 for all masks)", flush=True)
-    return rows
 
 
 def _timed(prefix: str, methods: dict, params, args) -> dict[str, float]:
@@ -295,12 +292,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1)
 
-    def keep(row: dict) -> None:  # written after every row, so a run cut short keeps what it measured
-        rows.append(row)
-        save([])
-
     for name in args.models:
-        bench_model(name, args, args.fractions, on_row=keep)
+        for row in bench_model(name, args, args.fractions):
+            rows.append(row)
+            save([])  # after every row, so a run cut short keeps what it measured
     checks = check_targets(rows, args.compile)
     print("\n".join(checks))
     save(checks)
