@@ -272,9 +272,16 @@ def main(argv=None):
     lines = report(rows)
     print("\n".join(lines))
     if args.out:
-        meta = run_meta("cpu") | {"args": vars(args), "env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+        meta = run_meta("cpu") | {"args": vars(args), "env": _memory_env()}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "checks": lines}, f, indent=1)
+
+
+def _memory_env() -> dict[str, str]:
+    """The environment that changes how memory is allocated, hence the timings: glibc's malloc
+    settings, its tunables, and PyTorch's transparent-huge-page switch."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
 
 
 def _child(argv: list[str], index: int) -> list[dict]:

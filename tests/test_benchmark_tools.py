@@ -48,3 +48,14 @@ def test_pooling_takes_each_variants_minimum_over_every_process(compiled_path):
     lines = compiled_path.report([row])
     assert sum("alone (for information)" in line for line in lines) == 4
     assert lines[4] == "m, pooled over 2 processes (minimum per variant):"
+
+
+def test_the_run_records_the_memory_settings_that_change_its_timings(compiled_path, monkeypatch):
+    # A run under THP_MEM_ALLOC_ENABLE=1 was ~15% faster per step and far noisier (2026-12-03); a
+    # result file that did not say so could not be compared with the others.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1073741824")
+    monkeypatch.setenv("LDBFX_UNRELATED", "x")
+    env = compiled_path._memory_env()
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1" and env["MALLOC_TOP_PAD_"] == "1073741824"
+    assert "LDBFX_UNRELATED" not in env
