@@ -51,8 +51,8 @@ def test_pooling_takes_each_variants_minimum_over_every_process(compiled_path):
 
 
 def test_the_run_records_the_memory_settings_that_change_its_timings(compiled_path, monkeypatch):
-    # A run under THP_MEM_ALLOC_ENABLE=1 was ~15% faster per step and far noisier (2026-12-03); a
-    # result file that did not say so could not be compared with the others.
+    # A run under THP_MEM_ALLOC_ENABLE=1 was ~15% faster per step (2026-12-03); a result file
+    # that did not say so could not be compared with the others.
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     monkeypatch.setenv("MALLOC_TOP_PAD_", "1073741824")
     monkeypatch.setenv("LDBFX_UNRELATED", "x")

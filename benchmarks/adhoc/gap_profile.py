@@ -68,7 +68,10 @@ def step(module):
 
 
 for name, (module, setup, undo) in VARIANTS.items():  # compile
-    setup(); step(module); step(module); undo()
+    setup()
+    step(module)
+    step(module)
+    undo()
 
 CONVOLUTIONS = ("aten::convolution_backward", "aten::mkldnn_convolution")
 ops = {n: defaultdict(lambda: [0, 0.0]) for n in VARIANTS}

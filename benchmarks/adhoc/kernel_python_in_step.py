@@ -106,7 +106,6 @@ def step():
 step()
 step()
 per_step = []
-parts_of = {}
 for _ in range(STEPS):
     inner.clear()
     outer.clear()
@@ -116,13 +115,11 @@ for _ in range(STEPS):
     step()
     total = time.perf_counter() - start
     assert len(inner) == len(outer) > 0, (len(inner), len(outer))
-    parts_snapshot = {k: list(v) for k, v in parts.items()}
-    each = [1e6 * (o - i) for o, i in zip(outer, inner)]
-    parts_of[id(each)] = parts_snapshot
-    per_step.append((total, sum(outer), sum(outer) - sum(inner), len(outer), each,
-                     {k: (kinds.count(k), sum(e for e, kk in zip(each, kinds) if kk == k) / 1e3) for k in sorted(set(kinds))}))
-for total, kernel, rest, calls, each, by_kind in per_step:
-    print(f"step {1e3 * total:6.1f} ms; {calls} kernel calls {1e3 * kernel:6.1f} ms, of which outside "
+    each = [1e6 * (o - i) for o, i in zip(outer, inner)]  # us outside aten, per call
+    by_kind = {k: (kinds.count(k), sum(e for e, kk in zip(each, kinds) if kk == k) / 1e3) for k in sorted(set(kinds))}
+    per_step.append((total, sum(outer), sum(outer) - sum(inner), each, dict(parts), by_kind))
+for total, kernel, rest, each, parts_ms, by_kind in per_step:
+    print(f"step {1e3 * total:6.1f} ms; {len(each)} kernel calls {1e3 * kernel:6.1f} ms, of which outside "
           f"aten {1e3 * rest:5.2f} ms (per call median {statistics.median(each):5.1f} us, max {max(each):6.1f} us)")
-    print("    parts (calls, copies, ms): " + ", ".join(f"{k} {n} {c} {1e3 * t:.2f}" for k, (n, c, t) in parts_of[id(each)].items()))
+    print("    parts (calls, copies, ms): " + ", ".join(f"{k} {n} {c} {1e3 * t:.2f}" for k, (n, c, t) in parts_ms.items()))
     print("    outside aten by kind (calls, ms): " + ", ".join(f"{k} {n} {ms:.2f}" for k, (n, ms) in by_kind.items()))
