@@ -5,7 +5,8 @@ affines of eligible layers): an opaque Python kernel each, which Inductor cannot
 compiles the transformed model twice, once as shipped and once with ``_MaskedParam.backward``
 patched (at trace time) to gate in the graph with ``torch.where`` on the mask, and times them with
 the baseline and the ideal, interleaved, one thread, minimum over rounds (compiled_path.py's
-protocol), and prints the median of the per-round paired differences. The patched variant records no skip for the optimizer: a timing probe, not a mode.
+protocol), and prints the median of the per-round paired differences. The patched variant
+records no skip for the optimizer: a timing probe, not a mode.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/adhoc/norm_gate_ab.py 20
