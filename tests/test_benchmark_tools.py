@@ -59,3 +59,19 @@ def test_the_run_records_the_memory_settings_that_change_its_timings(compiled_pa
     env = compiled_path._memory_env()
     assert env["THP_MEM_ALLOC_ENABLE"] == "1" and env["MALLOC_TOP_PAD_"] == "1073741824"
     assert "LDBFX_UNRELATED" not in env
+
+
+def test_paired_medians_pair_each_round_with_itself(compiled_path):
+    # The minima say ldbfx is 1 ms *faster* than the ideal (94 vs 95, from different rounds);
+    # round by round it is 5 ms slower twice and 16 ms faster once: median +5 ms.
+    rounds = {"baseline": [110.0, 100.0, 120.0], "ideal": [100.0, 95.0, 110.0],
+              "ldbfx0": [111.0, 103.0, 119.0], "ldbfx": [105.0, 100.0, 94.0]}
+    medians = compiled_path.paired_medians([rounds])
+    assert medians == {"ldbfx0": 1.0, "ldbfx": 5.0}
+    # Pooled over processes, differences of an even count take the mean of the middle two.
+    other = {"baseline": [100.0], "ideal": [90.0], "ldbfx0": [100.0], "ldbfx": [92.0]}
+    assert compiled_path.paired_medians([rounds, other]) == {"ldbfx0": 0.5, "ldbfx": 3.5}
+    row = _process(compiled_path, rounds)[0]
+    row["paired_median_ms"] = medians
+    assert any("ldbfx minus ideal, median of the per-round differences +5.0 ms (for information; "
+               "minima: -1.0 ms)" in line for line in compiled_path.report([row]))
