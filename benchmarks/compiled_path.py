@@ -51,6 +51,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -198,9 +199,8 @@ def paired_medians(rounds_by_process: list[dict[str, list[float]]]) -> dict[str,
         if name in ("baseline", "ideal"):
             continue
         reference = "baseline" if name.startswith("ldbfx0") else "ideal"
-        diffs = sorted(a - b for rounds in rounds_by_process for a, b in zip(rounds[name], rounds[reference]))
-        middle = len(diffs) // 2
-        medians[name] = round(diffs[middle] if len(diffs) % 2 else (diffs[middle - 1] + diffs[middle]) / 2, 2)
+        diffs = [a - b for rounds in rounds_by_process for a, b in zip(rounds[name], rounds[reference])]
+        medians[name] = round(statistics.median(diffs), 2)
     return medians
 
 
