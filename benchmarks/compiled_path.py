@@ -198,10 +198,15 @@ def paired_medians(rounds_by_process: list[dict[str, list[float]]]) -> dict[str,
     for name in rounds_by_process[0]:
         if name in ("baseline", "ideal"):
             continue
-        reference = "baseline" if name.startswith("ldbfx0") else "ideal"
+        reference = _reference(name)
         diffs = [a - b for rounds in rounds_by_process for a, b in zip(rounds[name], rounds[reference])]
         medians[name] = round(statistics.median(diffs), 2)
     return medians
+
+
+def _reference(variant: str) -> str:
+    """What an ldbfx variant is compared with: the baseline with nothing dropped, else the ideal."""
+    return "baseline" if variant.startswith("ldbfx0") else "ideal"
 
 
 _dropped_weight_grad = ops_kernels._dropped_weight_grad
@@ -249,7 +254,7 @@ def report(rows) -> list[str]:
                 lines.append(f"{r['model']}: {key[:-5]} costs {100 * value:+.1f}% with nothing dropped "
                              f"(target 5%) {'PASS' if value <= 0.05 else 'FAIL'}")
         for name, ms in r.get("paired_median_ms", {}).items():
-            reference = "baseline" if name.startswith("ldbfx0") else "ideal"
+            reference = _reference(name)
             lines.append(f"{r['model']}: {name} minus {reference}, median of the per-round differences "
                          f"{ms:+.1f} ms (for information; minima: {r['ms'][name] - r['ms'][reference]:+.1f} ms)")
     return lines

@@ -92,7 +92,9 @@ def main(rounds: int) -> None:
             f"  share of ideal {(best['baseline'] - best[n]) / saving:.1%}  gap {1e3 * (best[n] - best['ideal']):+.1f} ms"
         print(f"{n:9s} {1e3 * best[n]:7.1f} ms{share}", flush=True)
     # Paired by round (each round runs every variant back to back): the median of the per-round
-    # differences cancels the slow drift that the minima of separate variants do not.
+    # differences cancels the slow drift that the minima of separate variants do not. With an even
+    # number of rounds this prints the upper of the two middle differences (the recorded run 2 of
+    # 24 rounds did), not their mean as compiled_path.py's paired_medians does.
     for n in ("kernel", "where"):
         diffs = sorted(1e3 * (a - b) for a, b in zip(times[n], times["ideal"]))
         print(f"{n:9s} minus ideal, median over rounds {diffs[len(diffs) // 2]:+.1f} ms", flush=True)
