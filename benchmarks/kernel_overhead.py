@@ -12,7 +12,8 @@ minimum over rounds:
   ``aten.convolution_backward`` call;
 * ``conv_backward_body``: the kernel's Python body called directly (no dispatcher);
 * ``masked_grad``: ``ldbfx::masked_grad`` (kept) vs ``clone``, what it runs;
-* ``mask_read``: how the kernels read the mask (``LdbState.is_dropped``) vs indexing the tensor.
+* ``mask_read``: how the kernels read the mask (``LdbState.is_dropped``) vs indexing the tensor;
+* ``*_native``: the same kernels with C++ bodies (``ldbfx/ops/native.cpp``), where they build.
 
 The difference per call times the calls per step is the path's fixed cost on a real model.
 """
@@ -55,6 +56,12 @@ def main(argv=None):
         "masked_grad_clone": lambda: grad.clone(),
         "mask_read_indexing": lambda: bool(mask[index]),
     }
+    from ldbfx.ops import native
+
+    if native.available():  # the C++ bodies (ldbfx/ops/native.cpp)
+        native_conv, native_masked = (kernels.KERNELS["native"][name] for name in ("conv_backward", "masked_grad"))
+        variants["conv_backward_native"] = lambda: native_conv(grad, x, weight, *conv)
+        variants["masked_grad_native"] = lambda: native_masked(grad, mask, index)
     if hasattr(state, "is_dropped"):  # absent before 2026-12-02's change (to time the old code)
         variants["mask_read"] = lambda: state.is_dropped(mask, index)
     names = list(variants)
@@ -72,6 +79,9 @@ def main(argv=None):
         "conv_backward_body_over_aten_us": round(us["conv_backward_body"] - us["conv_backward_aten"], 2),
         "masked_grad_over_clone_us": round(us["masked_grad"] - us["masked_grad_clone"], 2),
     }
+    if "conv_backward_native" in us:
+        overhead["conv_backward_native_over_aten_us"] = round(us["conv_backward_native"] - us["conv_backward_aten"], 2)
+        overhead["masked_grad_native_over_clone_us"] = round(us["masked_grad_native"] - us["masked_grad_clone"], 2)
     print(json.dumps({"us_per_call": us, **overhead}, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -59,7 +59,9 @@ def _clear_skipped_grads(optimizer, args, kwargs) -> None:
     # last step get .grad = None, so the optimizer leaves them and their state alone. Which
     # layers is what the backward did (recorded when the mask was read), not what the mask says
     # now: changing the mask between backward and step changes nothing for this step.
-    active = [s for s in _state._ACTIVE if s.skipped]
+    for state in _state.states_with_native_records():
+        state.collect_native_record()
+    active = [s for s in _state._ACTIVE if s._skipped]
     if not active:
         return
     held = _optimizer_params(optimizer)

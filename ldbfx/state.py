@@ -84,15 +84,21 @@ class LdbState:
         self.id = next(_IDS)
         # On the CPU whatever the default device (a meta-device transform, set_default_device):
         # reading it must never sync a device, and the ops read it through a NumPy view.
-        self.mask = torch.zeros(len(param_refs), dtype=torch.bool, device="cpu")
+        # The mask is the first third of a control buffer that the native kernels
+        # (ldbfx/ops/native.cpp) read and write: [mask | skip record | has a row selection].
+        n = len(param_refs)
+        control = torch.zeros(3 * n, dtype=torch.bool, device="cpu")
+        self.mask = control[:n]
         self.mask._ldbfx_state_id = self.id
         # The ops read one entry per layer and step (:meth:`is_dropped`). Indexing the tensor
         # dispatches two ops (~2 us); an entry of a NumPy view of the same memory reads in ~0.1 us
         # and sees every in-place write. (A model is never pickled, which would copy the view.)
         self._mask_view = self.mask.numpy()
+        self._native_record = control[n:2 * n].numpy()
+        self._rows_flags = control[2 * n:].numpy()
         self.param_refs = param_refs
         self.dropped: tuple[int, ...] = ()
-        self.skipped: set[int] = set()
+        self._skipped: set[int] = set()
         self.rows: dict[int, RowSelection] = {}
         self.rows_exact = True
         self.dense = False
@@ -127,6 +133,25 @@ class LdbState:
         """Eager forward with grad enabled: the mask was read now, so its drops are skipped."""
         if self.dropped:
             self.skipped.update(self.dropped)
+            _ACTIVE.add(self)
+
+    @property
+    def skipped(self) -> set[int]:
+        """The layers skipped since the last step (the native kernels' record merged in)."""
+        if _native_in_use:
+            self.collect_native_record()
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: set[int]) -> None:
+        self._skipped = value
+
+    def collect_native_record(self) -> None:
+        """Moves what the native kernels recorded (bytes of the control buffer) into the record."""
+        record = self._native_record
+        if record.any():
+            self._skipped.update(record.nonzero()[0].tolist())
+            record[:] = False
             _ACTIVE.add(self)
 
     def record_skipped(self, index: int) -> None:
@@ -171,6 +196,9 @@ class LdbState:
     # -- row selections ---------------------------------------------------------------------------
     def set_rows(self, rows: dict[int, RowSelection], exact: bool) -> None:
         self.rows, self.rows_exact = rows, exact
+        self._rows_flags[:] = False  # the native kernels leave these layers to the Python ones
+        if rows:
+            self._rows_flags[list(rows)] = True
         if rows and exact:
             _ACTIVE.add(self)
 
@@ -198,6 +226,20 @@ class LdbState:
         if result.skipped:
             _ACTIVE.add(result)
         return result
+
+
+_native_in_use = False
+
+
+def native_records_in_use() -> None:
+    """Called when the native kernels load: from then on, their records are merged."""
+    global _native_in_use
+    _native_in_use = True
+
+
+def states_with_native_records() -> list[LdbState]:
+    """Live states, once native kernels are in use (their records must be merged before a step)."""
+    return list(_STATES.values()) if _native_in_use else []
 
 
 def state_of(mask: Tensor) -> LdbState:

@@ -208,9 +208,12 @@ def test_compiled_backward_asks_for_weight_grads_in_the_parameter_layout(channel
 
 
 def test_compiled_path_mechanisms_agree():
-    # Both mechanisms (Library.define/impl, the default, and @custom_op) call the same Python
-    # kernels with the same aten calls: the gradients are those of the same kernels, bitwise.
-    from ldbfx.ops import path
+    # The mechanisms (C++ kernels, the default where they build; Library.define/impl and
+    # @custom_op with Python bodies) make the same aten calls: the gradients are those of the
+    # same kernels, bitwise.
+    from ldbfx.ops import native, path
+
+    assert native.available(), native.reason  # CI has a compiler: a build failure must show here
 
     model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
     drop = [l for l in ldbfx.layers(ldbfx.transform(model)) if l.eligible][::3]
@@ -223,9 +226,10 @@ def test_compiled_path_mechanisms_agree():
             torch.compile(gm, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
         grads[mechanism] = _grads(model)
         assert all(not grads[mechanism][name].any() for l in drop for name in l.params)  # zeros until step()
-    library, custom_op = grads["library"], grads["custom_op"]
-    assert library.keys() == custom_op.keys()
-    assert all(torch.equal(library[n], custom_op[n]) for n in library)
+    library = grads["library"]
+    for other in ("custom_op", "native"):
+        assert library.keys() == grads[other].keys()
+        assert all(torch.equal(library[n], grads[other][n]) for n in library), other
     with pytest.raises(ValueError, match="unknown compiled-path mechanism"):
         path.using_mechanism("cond")
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..state import state_of
-from . import path
+from . import native, path
 from .path import _aten
 from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selection
 
@@ -295,6 +295,17 @@ for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
     _op.register_fake(_fake)
     KERNELS["custom_op"][_name] = _op
 del _name, _schema, _impl, _fake, _op, _tags
+
+# ``native``: the same schemas, tags and fakes as ``ldbfx::<name>_native``, whose bodies are the
+# C++ of ``native.cpp`` (loaded by ``ops.native`` on first use) for the kernels a step calls most;
+# the rest run the ``library`` ones.
+for _name in native.NAMES:
+    _schema, _impl, _fake = _SCHEMAS[_name]
+    _LIB.define(f"{_name}_native{_schema}", tags=(_LAYOUT.get(_name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE)
+    torch.library.register_fake(f"ldbfx::{_name}_native", _fake, lib=_LIB)
+KERNELS["native"] = {name: getattr(torch.ops.ldbfx, f"{name}_native").default if name in native.NAMES else op
+                     for name, op in KERNELS["library"].items()}
+del _name, _schema, _impl, _fake
 
 
 def kernel(name: str):

@@ -92,15 +92,21 @@ class compiled_path:
 opaque_path = compiled_path  # the name before 2026-12-01
 
 #: How the compiled backward calls its mask-reading kernels (:data:`ldbfx.ops.kernels.KERNELS`):
-#: ``library`` (``Library.define``/``impl``, the default) or ``custom_op``
-#: (``@torch.library.custom_op``). Read when a graph is traced; benchmarks compare them.
-MECHANISMS = ("library", "custom_op")
-_mechanism = "library"
+#: ``native`` (C++ bodies for the most frequent kernels, :mod:`ldbfx.ops.native`; the default
+#: where they build), ``library`` (``Library.define``/``impl`` with Python bodies; the default
+#: where they do not) or ``custom_op`` (``@torch.library.custom_op``). Read when a graph is traced;
+#: all three give the same gradients, and benchmarks compare them.
+MECHANISMS = ("native", "library", "custom_op")
+_mechanism: str | None = None  # None: native where it builds, else library
 
 
 def mechanism() -> str:
-    """The compiled-path mechanism new traces use."""
-    return _mechanism
+    """The compiled-path mechanism new traces use (the first call may build the native kernels)."""
+    if _mechanism is not None:
+        return _mechanism
+    from . import native
+
+    return "native" if native.available() else "library"
 
 
 class using_mechanism:
@@ -116,6 +122,11 @@ class using_mechanism:
     def __init__(self, name: str):
         if name not in MECHANISMS:
             raise ValueError(f"unknown compiled-path mechanism {name!r}; choose one of {MECHANISMS}")
+        if name == "native":
+            from . import native
+
+            if not native.available():
+                raise RuntimeError(f"the native compiled-path kernels are not available here ({native.reason})")
         self.name = name
 
     def __enter__(self):

@@ -1,0 +1,146 @@
+"""The native (C++) kernels of the compiled path: the Python kernels' results, strides and
+records, the Python kernels wherever they cannot decide, and a loud fallback when they do not build."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ldbfx.ops import kernels, native, path
+from ldbfx.state import LdbState, RowSelection
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels not built: {native.reason}")
+
+_STATES = []  # keeps the states of the masks below alive (the ops look them up)
+
+
+def _state(n=3):
+    state = LdbState(((),) * n)
+    _STATES.append(state)
+    return state
+
+
+def _pair(name):
+    return kernels.KERNELS["library"][name], kernels.KERNELS["native"][name]
+
+
+def _same(got, want):
+    # The same aten calls on the same operands: the same bytes, and the fake's strides.
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype
+        assert torch.equal(g, w)
+
+
+def _conv_case(channels_last, kernel_size):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    grad = torch.randn(2, 5, 6, 6)
+    w = torch.randn(5, 4, kernel_size, kernel_size)
+    if channels_last:  # what Inductor's layout optimisation hands the kernel; grad left contiguous
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    return grad, x, w, ([1, 1], [kernel_size // 2] * 2, [1, 1], 1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("wanted", [(True, True, True), (True, True, False), (False, True, True)])
+def test_conv_backward_matches_the_python_kernel(channels_last, kernel_size, wanted):
+    python, cpp = _pair("conv_backward")
+    grad, x, w, conv = _conv_case(channels_last, kernel_size)
+    for dropped in (False, True):
+        results, records = [], []
+        for op in (python, cpp):
+            state = _state()
+            state.set_dropped((1,) if dropped else ())
+            results.append(op(grad, x, w, state.mask, 1, *conv, *wanted, True))
+            records.append(set(state.skipped))
+        _same(results[1], results[0])
+        assert records[0] == records[1] == ({1} if dropped else set())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_weight_grad_and_masked_grad_match_the_python_kernels(with_bias):
+    torch.manual_seed(0)
+    grad2d, x2d = torch.randn(6, 5), torch.randn(6, 4)
+    for dropped in (False, True):
+        for name, args in (("linear_weight_grad", (grad2d, x2d)), ("masked_grad", (grad2d,))):
+            results, records = [], []
+            for op in _pair(name):
+                state = _state()
+                state.set_dropped((2,) if dropped else ())
+                extra = (with_bias,) if name == "linear_weight_grad" else ()
+                out = op(*args, state.mask, 2, *extra)
+                results.append(out if isinstance(out, tuple) else (out,))
+                records.append(set(state.skipped))
+            _same(results[1], results[0])
+            assert records[0] == records[1] == ({2} if dropped else set())
+
+
+def test_record_is_merged_once_and_consumed():
+    _, cpp = _pair("masked_grad")
+    state = _state()
+    state.set_dropped((0, 2))
+    for index in (0, 1, 2):
+        cpp(torch.ones(3), state.mask, index)
+    assert state._native_record.tolist() == [True, False, True]  # written by C++, not Python
+    assert state.skipped == {0, 2}
+    assert not state._native_record.any()  # moved into the record, not counted twice
+    state.skipped.clear()
+    assert state.skipped == set()
+
+
+def test_row_selections_and_foreign_masks_run_the_python_kernels():
+    # The C++ bodies know no row selection (ChannelDropBack): a layer with one goes through the
+    # Python kernel, which computes dW for the kept rows only.
+    from ldbfx.ops.rows import rows_in_use
+
+    rows_in_use()
+    python, cpp = _pair("linear_weight_grad")
+    torch.manual_seed(0)
+    grad2d, x2d = torch.randn(6, 5), torch.randn(6, 4)
+    results = []
+    for op in (python, cpp):
+        state = _state()
+        # exact=False: no optimizer hook for this parameterless state
+        state.set_rows({1: RowSelection(0, torch.tensor([0, 2]), torch.tensor([1, 3, 4]))}, exact=False)
+        results.append(op(grad2d, x2d, state.mask, 1, True))
+        state.set_rows({}, exact=True)
+    _same(results[1], results[0])
+    assert not results[1][0][1].any() and results[1][0][0].any()  # frozen row 1: zero dW
+    # A mask that is not a control buffer's view (a copy carrying the state's id): Python decides.
+    state = _state()
+    state.set_dropped((1,))
+    copy = state.mask.clone()
+    copy._ldbfx_state_id = state.id
+    _, cpp_masked = _pair("masked_grad")
+    assert not cpp_masked(torch.ones(3), copy, 1).any() and state.skipped == {1}
+
+
+def test_disabled_by_environment_gives_the_python_kernels_quietly():
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from ldbfx.ops import native, path\n"
+            "assert not native.available() and path.mechanism() == 'library', native.reason\n"
+            "print(native.reason)")
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "LDBFX_NATIVE": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "LDBFX_NATIVE=0"
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'ldbfx_native':\nnative.cpp:1:1: error: no compiler\n")
+
+    monkeypatch.setattr(native, "reason", native.reason)  # restored by undo(), like the others
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    monkeypatch.setattr(native, "_available", None)
+    with pytest.warns(RuntimeWarning, match="could not be built .*error: no compiler.*Python kernels run instead"):
+        assert not native.available()
+    assert path.mechanism() == "library"
+    with pytest.raises(RuntimeError, match="native compiled-path kernels are not available here"):
+        path.using_mechanism("native")
+    monkeypatch.undo()  # the real build's answer again
+    assert native.available() and path.mechanism() == "native" and native.reason is None
