@@ -305,7 +305,8 @@ def main(argv=None):
     lines = report(rows)
     print("\n".join(lines))
     if args.out:
-        meta = run_meta("cpu") | {"args": vars(args), "env": _memory_env()}
+        meta = run_meta("cpu") | {"args": vars(args), "env": _memory_env(),
+                                  "mechanisms": args.mechanisms or [ops_path.mechanism()]}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows, "checks": lines}, f, indent=1)
 

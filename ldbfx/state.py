@@ -132,7 +132,7 @@ class LdbState:
     def record_forward(self) -> None:
         """Eager forward with grad enabled: the mask was read now, so its drops are skipped."""
         if self.dropped:
-            self.skipped.update(self.dropped)
+            self._skipped.update(self.dropped)
             _ACTIVE.add(self)
 
     @property
@@ -156,7 +156,7 @@ class LdbState:
 
     def record_skipped(self, index: int) -> None:
         """The compiled path's backward skipped layer ``index`` (it reads the mask then)."""
-        self.skipped.add(index)
+        self._skipped.add(index)
         _ACTIVE.add(self)
 
     def clear_skipped_grads(self, held: set[int]) -> None:
@@ -186,7 +186,7 @@ class LdbState:
         """A forward detached branch ``index``: its inner layers' updates are skipped."""
         layers = self.branch_layers[index]
         if layers:
-            self.skipped.update(layers)
+            self._skipped.update(layers)
             _ACTIVE.add(self)
 
     def branch_params(self, index: int) -> tuple[nn.Parameter, ...]:

@@ -2,7 +2,8 @@
 
 One module per concern: :mod:`~ldbfx.ops.path` (which path, shared helpers),
 :mod:`~ldbfx.ops.rows` (ChannelDropBack's row selections), :mod:`~ldbfx.ops.kernels` (the custom
-ops that read the mask when the backward runs), :mod:`~ldbfx.ops.linears`,
+ops that read the mask when the backward runs; :mod:`~ldbfx.ops.native` builds C++ bodies for the
+most frequent ones), :mod:`~ldbfx.ops.linears`,
 :mod:`~ldbfx.ops.convs`, :mod:`~ldbfx.ops.embeddings`, :mod:`~ldbfx.ops.gating` (gated
 parameters, BatchNorm, generic leaf modules) and :mod:`~ldbfx.ops.attention`.
 

@@ -3,6 +3,10 @@
 A dropped layer's kernel returns zeros without computing them and records the skip in the model's
 state (what the optimizer hook then leaves untouched); a kept layer's computes its weight gradient
 (for the kept rows only, with a row selection).
+
+The bodies here are Python. The most frequent three also have C++ bodies (``ldbfx::<name>_native``,
+:mod:`ldbfx.ops.native`), which the compiled backward calls where they build; these Python ones
+stay the reference, the fallback, and what the C++ ones defer to for row selections.
 """
 
 from __future__ import annotations

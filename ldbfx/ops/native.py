@@ -5,8 +5,8 @@ default).
 The compiled backward calls one mask-reading kernel per layer and step. Their Python bodies cost
 50-70 us per call inside a compiled ResNet-50 step on a 2-core CPU (docs/design.md), about what
 keeps the compiled path below freezing's saving there. The C++ bodies do the same work with the
-same aten calls (the same bytes), without Python. Building needs a C++ compiler and ninja (about
-15 s, once per machine and torch version). Where the build fails, or ``LDBFX_NATIVE=0`` is set,
+same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes with
+ldbfx), about 15 s once per machine and torch version. Where the build fails, or ``LDBFX_NATIVE=0`` is set,
 the Python kernels run instead: the same gradients, and one warning that says why.
 
 Example:
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -59,9 +60,14 @@ def _load() -> bool:
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    saved_path = os.environ.get("PATH", "")
     try:
         from torch.utils.cpp_extension import load
 
+        if shutil.which("ninja") is None:  # the pip package's binary, outside an activated venv
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved_path
         load(name="ldbfx_native", sources=[str(_SOURCE)], extra_cflags=["-O2"], is_python_module=False,
              verbose=False)
     except Exception as exc:  # noqa: BLE001  (any build failure: fall back, and say so)
@@ -70,12 +76,12 @@ def _load() -> bool:
         warnings.warn(
             f"ldbfx: the native compiled-path kernels could not be built ({reason}); the Python "
             "kernels run instead (the same gradients, ~20-60 us more per layer and step). Install a "
-            "C++ compiler and ninja (pip install ninja) to build them, or set LDBFX_NATIVE=0 to "
-            "silence this.",
+            "C++ compiler (g++ or clang) to build them, or set LDBFX_NATIVE=0 to silence this.",
             RuntimeWarning, stacklevel=2)
         return False
     finally:
         logger.setLevel(level)
+        os.environ["PATH"] = saved_path
     reason = None
     native_records_in_use()  # from now on, the optimizer hook merges the kernels' records
     return True
