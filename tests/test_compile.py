@@ -211,14 +211,19 @@ def test_compiled_path_mechanisms_agree():
     # The mechanisms (C++ kernels, the default where they build; Library.define/impl and
     # @custom_op with Python bodies) make the same aten calls: the gradients are those of the
     # same kernels, bitwise.
+    import os
+
     from ldbfx.ops import native, path
 
-    assert native.available(), native.reason  # CI has a compiler: a build failure must show here
+    mechanisms = [m for m in path.MECHANISMS if m != "native" or os.environ.get("LDBFX_NATIVE") != "0"]
+    if "native" in mechanisms:  # a build failure must show in CI, not skip quietly
+        assert native.available(), (f"the C++ kernels did not build ({native.reason}): install a C++ "
+                                    "compiler, or run the tests with LDBFX_NATIVE=0")
 
     model, x = torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)
     drop = [l for l in ldbfx.layers(ldbfx.transform(model)) if l.eligible][::3]
     grads = {}
-    for mechanism in path.MECHANISMS:
+    for mechanism in mechanisms:
         gm = ldbfx.transform(model)
         ldbfx.set_dropped(gm, drop)
         with path.using_mechanism(mechanism):
@@ -229,7 +234,7 @@ def test_compiled_path_mechanisms_agree():
         grads[mechanism] = _grads(model)
         assert all(not grads[mechanism][name].any() for l in drop for name in l.params)  # zeros until step()
     library = grads["library"]
-    for other in ("custom_op", "native"):
+    for other in (m for m in mechanisms if m != "library"):
         assert library.keys() == grads[other].keys()
         assert all(torch.equal(library[n], grads[other][n]) for n in library), other
     with pytest.raises(ValueError, match="unknown compiled-path mechanism"):

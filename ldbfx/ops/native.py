@@ -5,9 +5,10 @@ default).
 The compiled backward calls one mask-reading kernel per layer and step. Their Python bodies cost
 50-70 us per call inside a compiled ResNet-50 step on a 2-core CPU (docs/design.md), about what
 keeps the compiled path below freezing's saving there. The C++ bodies do the same work with the
-same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes with
-ldbfx), about 15 s once per machine and torch version. Where the build fails, or ``LDBFX_NATIVE=0`` is set,
-the Python kernels run instead: the same gradients, and one warning that says why.
+same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes
+with ldbfx) and takes about 15 s, once per machine and torch version. Where the build fails, or
+``LDBFX_NATIVE=0`` is set, the Python kernels run instead: the same gradients, and one warning
+that says why.
 
 Example:
     >>> from ldbfx.ops import native
