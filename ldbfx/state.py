@@ -164,14 +164,14 @@ class LdbState:
         ``held``) get ``.grad = None``, so nothing moves them (no momentum, no weight decay), and
         leave the record. Layers held by another optimizer (a GAN's two) wait for its step."""
         done = []
-        for index in self.skipped:
+        for index in self._skipped:  # the hook has merged the native record already
             params = self.params(index)
             if all(id(p) in held for p in params):
                 done.append(index)
             for p in params:
                 if id(p) in held:
                     p.grad = None
-        self.skipped.difference_update(done)
+        self._skipped.difference_update(done)
 
     # -- branches ---------------------------------------------------------------------------------
     def set_dropped_branches(self, indices: tuple[int, ...]) -> None:

@@ -285,27 +285,32 @@ _SCHEMAS = {
 
 _LAYOUT = {"conv_weight_grad": torch.Tag.needs_fixed_stride_order, "conv_backward": torch.Tag.needs_fixed_stride_order}
 
+
+def _tags(name: str) -> tuple:
+    """A kernel's layout tag and, where it exists, ``cudagraph_unsafe`` (the ``_native`` twins too)."""
+    return (_LAYOUT.get(name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE
+
+
 _LIB = torch.library.Library("ldbfx", "FRAGMENT")
 #: mechanism -> kernel name -> the op the compiled backward calls.
 KERNELS: dict[str, dict[str, object]] = {"library": {}, "custom_op": {}}
 for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
-    _tags = (_LAYOUT.get(_name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE
-    _LIB.define(_name + _schema, tags=_tags)
+    _LIB.define(_name + _schema, tags=_tags(_name))
     _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ldbfx::{_name}", _fake, lib=_LIB)
     KERNELS["library"][_name] = getattr(torch.ops.ldbfx, _name).default
     _op = torch.library.custom_op(f"ldbfx::{_name}_custom_op", _impl, mutates_args=(), schema=_schema,
-                                  tags=_tags)
+                                  tags=_tags(_name))
     _op.register_fake(_fake)
     KERNELS["custom_op"][_name] = _op
-del _name, _schema, _impl, _fake, _op, _tags
+del _name, _schema, _impl, _fake, _op
 
 # ``native``: the same schemas, tags and fakes as ``ldbfx::<name>_native``, whose bodies are the
 # C++ of ``native.cpp`` (loaded by ``ops.native`` on first use) for the kernels a step calls most;
 # the rest run the ``library`` ones.
 for _name in native.NAMES:
     _schema, _impl, _fake = _SCHEMAS[_name]
-    _LIB.define(f"{_name}_native{_schema}", tags=(_LAYOUT.get(_name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE)
+    _LIB.define(f"{_name}_native{_schema}", tags=_tags(_name))
     torch.library.register_fake(f"ldbfx::{_name}_native", _fake, lib=_LIB)
 KERNELS["native"] = {name: getattr(torch.ops.ldbfx, f"{name}_native").default if name in native.NAMES else op
                      for name, op in KERNELS["library"].items()}
