@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,7 @@ class LdbState:
         # (ldbfx/ops/native.cpp) read and write: [mask | skip record | has a row selection].
         n = len(param_refs)
         control = torch.zeros(3 * n, dtype=torch.bool, device="cpu")
+        self._control = control
         self.mask = control[:n]
         self.mask._ldbfx_state_id = self.id
         # The ops read one entry per layer and step (:meth:`is_dropped`). Indexing the tensor
@@ -108,6 +110,24 @@ class LdbState:
         self.dropped_branches: tuple[int, ...] = ()
         self.branch_cut = False
         _STATES[self.id] = self
+        if _native_in_use:
+            self._register_native()
+
+    def _register_native(self) -> None:
+        """Lets the native kernels use this state's control buffer: they know one by its address,
+        so they never write into a tensor that merely looks like one. Withdrawn when the state
+        dies; the finalizer holds the buffer until then, so no other tensor can take its address
+        while it is registered."""
+        n = len(self.mask)
+        if n:
+            address = self._control.data_ptr()
+            _native_control(address, n)
+            weakref.finalize(self, _withdraw_control, address, self._control).atexit = False
+
+    def __reduce__(self):
+        # An unpickled copy would hold copies of the NumPy views and no registered control
+        # buffer, and share the original's id: it would silently miss the kernels' records.
+        raise TypeError("an ldbfx model state cannot be pickled; save the model's state_dict() instead")
 
     # -- layers ---------------------------------------------------------------------------------
     def params(self, index: int) -> tuple[nn.Parameter, ...]:
@@ -150,8 +170,11 @@ class LdbState:
         """Moves what the native kernels recorded (bytes of the control buffer) into the record."""
         record = self._native_record
         if record.any():
-            self._skipped.update(record.nonzero()[0].tolist())
-            record[:] = False
+            # Clears only the bytes read: a kernel of another thread's backward may write one
+            # between the read and the clear, and that skip must stay for the next merge.
+            indices = record.nonzero()[0]
+            record[indices] = False
+            self._skipped.update(indices.tolist())
             _ACTIVE.add(self)
 
     def record_skipped(self, index: int) -> None:
@@ -229,12 +252,22 @@ class LdbState:
 
 
 _native_in_use = False
+_native_control: Callable[[int, int], None] | None = None  # native.cpp's ldbfx_native_control
 
 
-def native_records_in_use() -> None:
-    """Called when the native kernels load: from then on, their records are merged."""
-    global _native_in_use
-    _native_in_use = True
+def native_records_in_use(control: Callable[[int, int], None]) -> None:
+    """Called when the native kernels load, with their registry function ``control(address, n)``
+    (``n == 0`` withdraws): from then on, every state's control buffer is registered with them
+    and their records are merged."""
+    global _native_in_use, _native_control
+    _native_control, _native_in_use = control, True
+    for state in list(_STATES.values()):
+        state._register_native()
+
+
+def _withdraw_control(address: int, buffer: Tensor) -> None:
+    """A state's finalizer: ``buffer`` (held until now) leaves the native kernels' registry."""
+    _native_control(address, 0)
 
 
 def states_with_native_records() -> list[LdbState]:

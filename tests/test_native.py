@@ -32,30 +32,48 @@ def _same(got, want):
         assert torch.equal(g, w)
 
 
-def _conv_case(channels_last, kernel_size):
+def _conv_case(channels_last, kernel_size, grouped=False):
     torch.manual_seed(0)
-    x = torch.randn(2, 4, 6, 6)
-    grad = torch.randn(2, 5, 6, 6)
-    w = torch.randn(5, 4, kernel_size, kernel_size)
+    # grouped: 2 groups, stride 2, dilation 2 (depthwise-like convolutions and downsampling)
+    groups, step, dilation = (2, 2, 2) if grouped else (1, 1, 1)
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(6, 4 // groups, kernel_size, kernel_size)
+    padding = dilation * (kernel_size // 2)
+    out = (8 + 2 * padding - dilation * (kernel_size - 1) - 1) // step + 1
+    grad = torch.randn(2, 6, out, out)
     if channels_last:  # what Inductor's layout optimisation hands the kernel; grad left contiguous
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
-    return grad, x, w, ([1, 1], [kernel_size // 2] * 2, [1, 1], 1)
+    return grad, x, w, ([step] * 2, [padding] * 2, [dilation] * 2, groups)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("kernel_size", [1, 3])
-@pytest.mark.parametrize("wanted", [(True, True, True), (True, True, False), (False, True, True)])
-def test_conv_backward_matches_the_python_kernel(channels_last, kernel_size, wanted):
+@pytest.mark.parametrize("wanted", [(True, True, True), (True, True, False), (False, True, True),
+                                    (True, False, False)])
+@pytest.mark.parametrize("contiguous_weight_grad", [True, False])
+def test_conv_backward_matches_the_python_kernel(channels_last, kernel_size, wanted, contiguous_weight_grad):
+    _check_conv(_conv_case(channels_last, kernel_size), wanted, contiguous_weight_grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_strided_dilated_conv_backward_matches_the_python_kernel(channels_last):
+    _check_conv(_conv_case(channels_last, 3, grouped=True), (True, True, True), False)
+
+
+def _check_conv(case, wanted, contiguous_weight_grad):
     python, cpp = _pair("conv_backward")
-    grad, x, w, conv = _conv_case(channels_last, kernel_size)
+    grad, x, w, conv = case
+    args = (*conv, *wanted, contiguous_weight_grad)
+    fake = kernels._SCHEMAS["conv_backward"][2](grad, x, w, None, 1, *args)  # what Inductor plans for
     for dropped in (False, True):
         results, records = [], []
         for op in (python, cpp):
             state = _state()
             state.set_dropped((1,) if dropped else ())
-            results.append(op(grad, x, w, state.mask, 1, *conv, *wanted, True))
+            results.append(op(grad, x, w, state.mask, 1, *args))
             records.append(set(state.skipped))
         _same(results[1], results[0])
+        assert [r.stride() for r in results[1]] == [f.stride() for f in fake]
         assert records[0] == records[1] == ({1} if dropped else set())
 
 
@@ -115,6 +133,83 @@ def test_row_selections_and_foreign_masks_run_the_python_kernels():
     copy._ldbfx_state_id = state.id
     _, cpp_masked = _pair("masked_grad")
     assert not cpp_masked(torch.ones(3), copy, 1).any() and state.skipped == {1}
+
+
+def test_only_registered_control_buffers_are_written():
+    # C++ knows a control buffer by its registered address, not by its shape: a tensor that only
+    # looks like a state's mask (a slice of another 3n-byte bool tensor, a copy of the mask) goes
+    # to the Python kernel, which records into the state the mask names; nothing is written past
+    # the mask into someone else's bytes.
+    import copy
+
+    _, cpp = _pair("masked_grad")
+    state = _state()
+    state.set_dropped((1,))
+    lookalike = torch.zeros(9, dtype=torch.bool)
+    lookalike[1] = True
+    for mask in (lookalike[:3], copy.deepcopy(state.mask)):
+        mask._ldbfx_state_id = state.id
+        assert not cpp(torch.ones(3), mask, 1).any()
+        assert state.skipped == {1}  # recorded by the Python kernel, into the state
+        state.skipped.clear()
+    assert lookalike.tolist() == [False, True] + [False] * 7  # no record byte at 3 + 1
+
+
+def test_a_dead_models_mask_is_refused_not_written():
+    import gc
+
+    from ldbfx.errors import LdbfxError
+
+    state = LdbState(((),) * 3)
+    mask = state.mask  # kept by someone after its model is gone
+    del state
+    gc.collect()
+    _, cpp = _pair("masked_grad")
+    with pytest.raises(LdbfxError, match="belongs to no live ldbfx model"):
+        cpp(torch.ones(3), mask, 1)
+
+
+def test_a_state_cannot_be_pickled():
+    import pickle
+
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(_state())
+
+
+def test_states_made_before_the_build_are_registered_when_it_loads():
+    code = ("from ldbfx.state import LdbState\n"
+            "from ldbfx.ops import native, kernels\n"
+            "state = LdbState(((),) * 3)\n"  # made before the kernels load
+            "state.set_dropped((2,))\n"
+            "assert native.available(), native.reason\n"
+            "kernels.KERNELS['native']['masked_grad'](__import__('torch').ones(3), state.mask, 2)\n"
+            "assert state._native_record.tolist() == [False, False, True]\n"  # C++ wrote it
+            "assert state.skipped == {2}\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_stale_build_lock_of_an_older_torch_is_not_waited_on(monkeypatch, tmp_path):
+    # PyTorch versions with FileBaton wait forever on the lock file a killed build leaves; where
+    # one is older than any build, ldbfx warns and runs the Python kernels instead of hanging.
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delattr(cpp_extension, "FileLock", raising=False)  # what such a torch lacks
+    monkeypatch.setattr(native, "reason", native.reason)
+    monkeypatch.setattr(native, "_available", None)
+    lock = tmp_path / native._build_name() / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - 2 * native._STALE_S,) * 2)
+    with pytest.warns(RuntimeWarning, match="was left by a build that did not finish.*Delete that file"):
+        assert not native.available()
+    assert str(lock) in native.reason
+    monkeypatch.undo()
+    assert native.available() and native.reason is None
 
 
 def test_disabled_by_environment_gives_the_python_kernels_quietly():

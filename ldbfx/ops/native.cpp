@@ -11,30 +11,65 @@
 //   [n, 2n)   the skip record these kernels write (1 = this backward skipped the layer), which
 //             the state merges into its record before the optimizer steps;
 //   [2n, 3n)  1 where the layer has a row selection (ChannelDropBack).
-// Where a layer has a row selection, or the mask is not such a view (another tensor handed to
-// the op), the Python kernel runs instead, through the dispatcher: it handles every case.
+// A control buffer is known by its address: each state registers its buffer here
+// (``ldbfx_native_control``) and withdraws it when the state dies, so a tensor that merely looks
+// like one (a slice of some 3n-byte bool tensor, a copy of a mask) is never written to.
+// Where a layer has a row selection, or the mask is not a registered buffer's view (another
+// tensor handed to the op), the Python kernel runs instead, through the dispatcher: it handles
+// every case, and records into the state the mask names, or refuses a mask of no live model.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <mutex>
+#include <optional>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
 
-// The layer's byte in each region of the control buffer, or nullptr where ``mask`` is not a
-// control buffer's view.
+// The registered control buffers: data address -> number of layers n (the buffer holds 3n bytes).
+std::mutex registry_mutex;
+std::unordered_map<const void*, int64_t>& registry() {
+  static std::unordered_map<const void*, int64_t> buffers;
+  return buffers;
+}
+
+}  // namespace
+
+// Registers (n > 0) or withdraws (n == 0) the control buffer at ``address``: LdbState calls this
+// through ctypes, outside the dispatcher, so that no mode active at the time (a fake-tensor trace
+// during which the garbage collector finalises a state) can intercept it.
+extern "C" void ldbfx_native_control(const void* address, int64_t n) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  if (n > 0) {
+    registry()[address] = n;
+  } else {
+    registry().erase(address);
+  }
+}
+
+namespace {
+
+// The layer's byte in each region of the control buffer, or nullptr where ``mask`` is not the
+// mask part of a registered control buffer.
 uint8_t* control(const Tensor& mask, int64_t index) {
   const int64_t n = mask.numel();
-  if (!mask.device().is_cpu() || mask.scalar_type() != at::kBool || mask.dim() != 1 ||
-      mask.storage_offset() != 0 || !mask.is_contiguous() || index < 0 || index >= n ||
-      static_cast<int64_t>(mask.storage().nbytes()) < 3 * n) {
+  if (mask.layout() != at::kStrided || !mask.device().is_cpu() || mask.scalar_type() != at::kBool ||
+      mask.dim() != 1 || !mask.is_contiguous() || index < 0 || index >= n) {
     return nullptr;
   }
-  return static_cast<uint8_t*>(mask.storage().mutable_data()) + index;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto found = registry().find(mask.const_data_ptr());
+    if (found == registry().end() || found->second != n) return nullptr;
+  }
+  return static_cast<uint8_t*>(mask.mutable_data_ptr()) + index;
 }
 
 // Whether the layer is dropped as the backward runs; if so, records that this backward skipped it.
@@ -56,10 +91,10 @@ std::vector<int64_t> dense_strides(at::IntArrayRef shape) {
   return strides;
 }
 
-c10::optional<at::MemoryFormat> channels_last_of(const Tensor& t) {
+std::optional<at::MemoryFormat> channels_last_of(const Tensor& t) {
   if (t.dim() == 4) return at::MemoryFormat::ChannelsLast;
   if (t.dim() == 5) return at::MemoryFormat::ChannelsLast3d;
-  return c10::nullopt;
+  return std::nullopt;
 }
 
 // The strides of ``empty_like(t)``: t's own where it is dense, else the dense layout empty_like picks.
