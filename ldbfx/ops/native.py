@@ -83,7 +83,6 @@ def _stale_build_lock(name: str) -> Path | None:
     return lock if age > _STALE_S else None
 
 
-
 def _load() -> bool:
     global reason
     setting = os.environ.get("LDBFX_NATIVE", "1")
