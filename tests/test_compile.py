@@ -207,6 +207,54 @@ def test_compiled_backward_asks_for_weight_grads_in_the_parameter_layout(channel
     assert len(flags) == 7 and all(flag is (not channels_last) for flag in flags), flags
 
 
+class _Sequence(torch.nn.Module):
+    """Token-wise linears, a norm and a 1-D convolution over a sequence of any length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(6))
+        self.norm = torch.nn.LayerNorm(16)
+        self.mix = torch.nn.Conv1d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + torch.relu(block(h))
+        h = self.mix(self.norm(h).transpose(1, 2)).transpose(1, 2)
+        return self.head(h).mean(1)
+
+
+def test_dynamic_shapes_one_compile_for_any_length_and_mask():
+    # Batches of text come in many lengths: with dynamic shapes the kernels' fakes must take
+    # symbolic sizes, and one compile serve every length and mask.
+    torch.manual_seed(0)
+    model = _Sequence()
+    gm = ldbfx.transform(model)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(gm, backend=counter, dynamic=True, fullgraph=True)
+    eligible = [l for l in ldbfx.layers(gm) if l.eligible]
+    for step, length in enumerate((5, 7, 9, 6)):
+        drop = eligible[step % 3::3]
+        ldbfx.set_dropped(gm, drop)
+        x = torch.randn(3, length, 8)
+        model.zero_grad(set_to_none=True)
+        compiled(x).square().mean().backward()
+        got = _grads(model)
+        model.zero_grad(set_to_none=True)
+        gm(x).square().mean().backward()  # eager reference with the same mask
+        want = _grads(model)
+        assert {p for l in drop for p in l.params}.isdisjoint(want)
+        for name, g in got.items():
+            if name in want:
+                _close(g, want[name])
+            else:
+                assert not g.any(), f"{name}: a dropped layer's compiled gradient is zero"
+        assert want.keys() <= got.keys()
+    assert counter.frame_count == 1, "new lengths and masks must not recompile"
+
+
 def test_compiled_path_mechanisms_agree():
     # The mechanisms (C++ kernels, the default where they build; Library.define/impl and
     # @custom_op with Python bodies) make the same aten calls: the gradients are those of the
