@@ -13,7 +13,7 @@ One thread, the malloc settings of compiled_path.py's protocol. The profiler's o
 not small, and single calls swing by milliseconds: this explains, it does not time.
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
-        python benchmarks/adhoc/gap_profile.py [ROUNDS] [STEPS]
+        python benchmarks/adhoc/gap_profile.py [ROUNDS] [STEPS] [RESOLUTION]
 """
 
 import json
@@ -33,13 +33,14 @@ from ldbfx.bench import make_model  # noqa: E402
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+RESOLUTION = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 torch.set_num_threads(1)
 for knob in ("recompile_limit", "cache_size_limit"):
     if hasattr(torch._dynamo.config, knob):
         setattr(torch._dynamo.config, knob, 64)
 torch.manual_seed(0)
-model = make_model("resnet50", 64)
-x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 1000, (16,))
+model = make_model("resnet50", RESOLUTION)
+x, y = torch.randn(16, 3, RESOLUTION, RESOLUTION), torch.randint(0, 1000, (16,))
 params = list(model.parameters())
 named = dict(model.named_parameters())
 gm = ldbfx.transform(model)
