@@ -78,9 +78,10 @@ def _check_conv(case, wanted, contiguous_weight_grad):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_weight_grad_and_masked_grad_match_the_python_kernels(with_bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: autocast's gradients
+def test_linear_weight_grad_and_masked_grad_match_the_python_kernels(with_bias, dtype):
     torch.manual_seed(0)
-    grad2d, x2d = torch.randn(6, 5), torch.randn(6, 4)
+    grad2d, x2d = torch.randn(6, 5, dtype=dtype), torch.randn(6, 4, dtype=dtype)
     for dropped in (False, True):
         for name, args in (("linear_weight_grad", (grad2d, x2d)), ("masked_grad", (grad2d,))):
             results, records = [], []
@@ -167,6 +168,24 @@ def test_a_dead_models_mask_is_refused_not_written():
     _, cpp = _pair("masked_grad")
     with pytest.raises(LdbfxError, match="belongs to no live ldbfx model"):
         cpp(torch.ones(3), mask, 1)
+
+
+def test_a_deep_copy_records_into_its_own_state():
+    # copy.deepcopy(gm) (EMA, model soups) makes a state with a control buffer of its own: the
+    # compiled copy's C++ kernels record there, not in the original's.
+    import copy
+
+    import ldbfx
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(7)))
+    gm = ldbfx.transform(model)
+    twin = copy.deepcopy(gm)
+    layer = [l for l in ldbfx.layers(twin) if l.eligible][0]
+    ldbfx.set_dropped(twin, [layer])
+    torch.compile(twin, backend="aot_eager", fullgraph=True)(torch.randn(3, 4)).sum().backward()
+    assert twin.ldbfx_state._native_record.any()  # written by C++
+    assert twin.ldbfx_state.skipped == {layer.index}
+    assert gm.ldbfx_state.skipped == set() and not gm.ldbfx_state._native_record.any()
 
 
 def test_a_state_cannot_be_pickled():

@@ -112,6 +112,10 @@ def mechanism() -> str:
 class using_mechanism:
     """Context manager: trace (compile) with another compiled-path mechanism, for comparisons.
 
+    The choice is process-wide (not per thread) and read when a backward is traced. Dynamo
+    guards on it, so a model compiled inside the context and then called outside it is compiled
+    again with the default: call it inside too (``benchmarks/compiled_path.py`` does).
+
     Example:
         >>> from ldbfx.ops import path
         >>> with path.using_mechanism("custom_op"):
