@@ -38,16 +38,21 @@ def _close(got, want):
     assert (got - want).abs().max() <= 2e-3 * want.abs().max() + 1e-6
 
 
-def _check_against_eager(model, gm, compiled, x, drop):
-    """One step with ``drop`` dropped: the compiled gradients equal the eager ones, and the
-    dropped layers' are zeros (eager: none) until the optimizer hook clears them."""
-    ldbfx.set_dropped(gm, drop)
+def _compiled_and_eager_grads(model, gm, compiled, x):
+    """The gradients of one compiled step and of the eager reference (the same mask and rows)."""
     model.zero_grad(set_to_none=True)
     compiled(x).square().mean().backward()
     got = _grads(model)
     model.zero_grad(set_to_none=True)
-    gm(x).square().mean().backward()  # eager reference with the same mask
-    want = _grads(model)
+    gm(x).square().mean().backward()
+    return got, _grads(model)
+
+
+def _check_against_eager(model, gm, compiled, x, drop):
+    """One step with ``drop`` dropped: the compiled gradients equal the eager ones, and the
+    dropped layers' are zeros (eager: none) until the optimizer hook clears them."""
+    ldbfx.set_dropped(gm, drop)
+    got, want = _compiled_and_eager_grads(model, gm, compiled, x)
     for name in {p for l in drop for p in l.params}:
         assert not got[name].any(), f"{name}: a dropped layer's compiled gradient is zero"
         assert name not in want
@@ -116,12 +121,7 @@ def test_compiled_channel_dropback_one_compile(case):
     for _ in range(4):
         frozen = policy.frozen
         assert frozen, "the draw selects some layers"
-        model.zero_grad(set_to_none=True)
-        compiled(x).square().mean().backward()
-        got = _grads(model)
-        model.zero_grad(set_to_none=True)
-        gm(x).square().mean().backward()  # eager reference with the same slices
-        want = _grads(model)
+        got, want = _compiled_and_eager_grads(model, gm, compiled, x)  # eager: the same slices
         for name, g in want.items():
             _close(got[name], g)
         layer = next(iter(frozen))
