@@ -49,7 +49,6 @@ import argparse
 import atexit
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -61,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta
+from ldbfx.bench import make_model, run_meta, seeded_drop
 from ldbfx.ops import kernels as ops_kernels
 from ldbfx.ops import path as ops_path
 
@@ -84,9 +83,7 @@ def bench(name: str, args) -> dict:
             models[mech] = ldbfx.transform(model)
     gm = models[mechanisms[0]]
     eligible = [layer for layer in ldbfx.layers(gm) if layer.eligible]
-    order = list(range(len(eligible)))
-    random.Random(0).shuffle(order)
-    drop = [eligible[i] for i in sorted(order[: round(args.fraction * len(eligible))])]
+    drop = seeded_drop(gm, args.fraction)
     drop_params = [named[p] for layer in drop for p in layer.params]
 
     def freeze(flag):

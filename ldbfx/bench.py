@@ -61,6 +61,23 @@ def make_model(name: str, resolution: int) -> torch.nn.Module:
     return build_model(name, 1000)
 
 
+def seeded_drop(gm, fraction: float) -> list:
+    """The eligible layers every benchmark drops at ``fraction``: the first ``fraction`` of one
+    fixed shuffle (seed 0), in graph order. A larger fraction drops a superset, and the ideal
+    freezes exactly these layers.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(8))))
+        >>> len(seeded_drop(gm, 0.5))
+        2
+    """
+    eligible = [layer for layer in ldbfx.layers(gm) if layer.eligible]
+    order = list(range(len(eligible)))
+    random.Random(0).shuffle(order)
+    return [eligible[i] for i in sorted(order[: round(fraction * len(eligible))])]
+
+
 class Runner:
     def __init__(self, module, x, y, device, amp):
         self.module, self.x, self.y, self.device = module, x, y, device
@@ -137,9 +154,6 @@ def bench_model(name, args, fractions):
     y = torch.randint(0, 1000, (args.batch,), device=device)
     params = list(model.parameters())
     named = dict(model.named_parameters())
-    eligible = [l for l in ldbfx.layers(gm) if l.eligible]
-    order = list(range(len(eligible)))
-    random.Random(0).shuffle(order)
     base, ours = Runner(model, x, y, device, amp), Runner(gm, x, y, device, amp)
     report = ldbfx.inspect.weight_grad_flops(gm, x)
 
@@ -154,7 +168,7 @@ def bench_model(name, args, fractions):
         compiled_ours = Runner(torch.compile(gm), x, y, device, amp)
 
     for fraction in fractions:
-        drop = [eligible[i] for i in sorted(order[: round(fraction * len(eligible))])]
+        drop = seeded_drop(gm, fraction)
         drop_params = [named[p] for l in drop for p in l.params]
         row = {"model": name, "fraction": fraction, "layers_dropped": len(drop),
                "dW_share_dropped": sum(report.weight_grad[l.index] for l in drop) / report.backward}

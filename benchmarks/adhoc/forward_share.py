@@ -14,7 +14,6 @@ difference from its reference.
 
 from __future__ import annotations
 
-import random
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import ldbfx
-from ldbfx.bench import make_model
+from ldbfx.bench import make_model, seeded_drop
 
 
 def main(resolution: int = 64, rounds: int = 30) -> None:
@@ -34,10 +33,7 @@ def main(resolution: int = 64, rounds: int = 30) -> None:
     params = list(model.parameters())
     x, y = torch.randn(16, 3, resolution, resolution), torch.randint(0, 1000, (16,))
     gm = ldbfx.transform(model)
-    eligible = [layer for layer in ldbfx.layers(gm) if layer.eligible]
-    order = list(range(len(eligible)))
-    random.Random(0).shuffle(order)
-    drop = [eligible[i] for i in sorted(order[: round(0.3 * len(eligible))])]
+    drop = seeded_drop(gm, 0.3)
     frozen = [named[p] for layer in drop for p in layer.params]
     base, transformed = torch.compile(model), torch.compile(gm)
 

@@ -18,7 +18,6 @@ not small, and single calls swing by milliseconds: this explains, it does not ti
 
 import json
 import os
-import random
 import sys
 import tempfile
 from collections import defaultdict
@@ -29,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import profile  # noqa: E402
 
 import ldbfx  # noqa: E402
-from ldbfx.bench import make_model  # noqa: E402
+from ldbfx.bench import make_model, seeded_drop  # noqa: E402
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -44,10 +43,7 @@ x, y = torch.randn(16, 3, RESOLUTION, RESOLUTION), torch.randint(0, 1000, (16,))
 params = list(model.parameters())
 named = dict(model.named_parameters())
 gm = ldbfx.transform(model)
-eligible = [layer for layer in ldbfx.layers(gm) if layer.eligible]
-order = list(range(len(eligible)))
-random.Random(0).shuffle(order)
-drop = [eligible[i] for i in sorted(order[: round(0.3 * len(eligible))])]
+drop = seeded_drop(gm, 0.3)
 drop_params = [named[p] for layer in drop for p in layer.params]
 base, ldb = torch.compile(model), torch.compile(gm)
 

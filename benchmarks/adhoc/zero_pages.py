@@ -20,23 +20,19 @@ norm would) and freed (``alloc+read+free``).
 from __future__ import annotations
 
 import mmap
-import random
 import time
 
 import torch
 
 import ldbfx
-from ldbfx.bench import make_model
+from ldbfx.bench import make_model, seeded_drop
 
 
 def dropped_params() -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
     model = make_model("resnet50", 64)
     named = dict(model.named_parameters())
-    eligible = [layer for layer in ldbfx.layers(ldbfx.transform(model)) if layer.eligible]
-    order = list(range(len(eligible)))
-    random.Random(0).shuffle(order)  # compiled_path.py's seeded choice
-    return [named[p] for i in sorted(order[: round(0.3 * len(eligible))]) for p in eligible[i].params]
+    return [named[p] for layer in seeded_drop(ldbfx.transform(model), 0.3) for p in layer.params]
 
 
 def main() -> None:
