@@ -129,11 +129,12 @@ def main():
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rows = [bench(name, args) for name in args.models]
-    if args.out:
-        meta = run_meta(args.device)
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "args": vars(args), "rows": rows}, f, indent=1)
+    rows = []
+    for name in args.models:
+        rows.append(bench(name, args))
+        if args.out:  # after every model, so a run cut short (benchmarks/gpu.sh's limits) keeps it
+            with open(args.out, "w") as f:
+                json.dump({"meta": run_meta(args.device), "args": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def table(path: str) -> str:
            f"{meta['device_name']} ({meta['threads']} threads), batch {args['batch']}, "
            f"{args['resolution']} px, amp {args['amp'] or 'fp32'}, {args['rounds']} paired rounds of "
            f"{args['steps']} steps", ""]
-    compiled = "compiled_baseline" in rows[0]
+    compiled = any("compiled_baseline" in r for r in rows)  # --compiled-fractions: some rows only
     head = ["model", "dropped", "dW share", "bwd GFLOP base / ideal / ldbfx", "saved MB base / ideal / ldbfx",
             "eager s/step base", "eager saved: ideal / ldbfx / mask-after"]
     if compiled:
@@ -105,9 +105,11 @@ def table(path: str) -> str:
             f"{r['eager_baseline']:.3f}",
             " / ".join(pct(r, f"eager_{m}") for m in ("ideal", "ldbfx", "mask_after")),
         ]
-        if compiled:
+        if compiled and "compiled_baseline" in r:
             cells += [f"{r['compiled_baseline']:.3f}",
                       " / ".join(pct(r, f"compiled_{m}") for m in ("ideal", "ldbfx"))]
+        elif compiled:
+            cells += ["not timed", "not timed"]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Target checks:", ""] + [f"- {c}" for c in data["checks"]]
     return "\n".join(out)

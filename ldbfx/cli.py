@@ -261,8 +261,11 @@ def _inspect(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import run
+    from .bench import argument_problem, run
 
+    problem = argument_problem(args)
+    if problem:
+        raise UsageError(problem)
     check_device(args.device)
     for name in args.models:
         check_model_name(name)

@@ -3,10 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ldbfx.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "inspect", "bench"])
@@ -64,6 +67,22 @@ def test_bench_runs_and_checks_flops(tmp_path, capsys):
     assert half["flops_ldbfx"] == half["flops_ideal"] < half["flops_baseline"]
     assert "resnet18 @ 0.5: FLOPs saved" in capsys.readouterr().out
 
+    # benchmarks/report.py makes the docs table from it, also when only some fractions were timed
+    # compiled (--compiled-fractions, as benchmarks/gpu.sh runs it): here the first row, its eager
+    # figures standing in for compiled ones.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    data["rows"][0].update({k.replace("eager_", "compiled_"): v for k, v in data["rows"][0].items()
+                            if k.startswith("eager_")})
+    out.write_text(json.dumps(data))
+    lines = report.table(str(out)).splitlines()
+    rows = [line for line in lines if line.startswith("| resnet18")]
+    assert "compiled s/step base" in lines[2] and len(rows) == 2
+    assert rows[1].endswith("| not timed | not timed |") and "not timed" not in rows[0]
+
 
 @pytest.mark.parametrize("policy, options, check", [
     ("cdb", ["--cdb-schedule", "milestones", "--milestones", "1", "--channel-rate", "0.4"],
@@ -91,6 +110,10 @@ BAD_INPUT = [
     (["train", "--batch-size", "many"], "ldbfx train: error: argument --batch-size: expected an integer"),
     (["train", "--resume", "/nonexistent/ckpt.pt"], "ldbfx train: error: --resume /nonexistent/ckpt.pt: no such checkpoint"),
     (["bench", "not_a_model"], "ldbfx bench: error: unknown model 'not_a_model'"),
+    (["bench", "resnet18", "--fractions", "0", "0.3", "--compiled-fractions", "0.5"],
+     "ldbfx bench: error: --compiled-fractions [0.5] are not among --fractions [0.0, 0.3]"),
+    (["bench", "resnet18", "--no-compile", "--compiled-fractions", "0"],
+     "ldbfx bench: error: --compiled-fractions needs the compiled measurements (drop --no-compile)"),
     (["train", "--device", "cuda:7"], "ldbfx train: error: --device cuda:7: this machine has"),
     (["train", "--device", "gpu"], "ldbfx train: error: --device 'gpu' is not a torch device"),
     (["demo", "--epochs", "0"], "ldbfx demo: error: argument --epochs: must be >= 1, got 0"),
