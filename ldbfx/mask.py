@@ -261,7 +261,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
         weight, _ = _row_params(gm.ldbfx_state, index)
         _refuse_sharded(weight, "set_frozen_rows (ChannelDropBack)")
         size = weight.shape[dim]
-        frozen = torch.as_tensor(frozen)
+        frozen = torch.as_tensor(frozen, device="cpu")  # indices computed on a GPU index a CPU table
         if frozen.dtype == torch.bool:
             if frozen.shape != (size,):
                 raise ValueError(f"bool row mask of {gm.ldbfx_layers[index].name!r} must have shape ({size},)")
