@@ -303,7 +303,9 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs} {mode}",
                         config.progress and world.main)
         sent = (comm.bytes_reduced, comm.bytes_skipped) if comm is not None else None
-        loss_sum, samples, skipped_share = 0.0, 0, 0.0
+        # The losses stay on the device until the epoch ends: one .item() per step would make the
+        # host wait for every step's GPU work, and the epoch's time would include those waits.
+        losses, sizes, skipped_share = [], [], 0.0
         _sync(config.device)
         started = time.perf_counter()
         for step, (x, y, indices) in enumerate(loader):
@@ -325,12 +327,15 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             optimizer.zero_grad(set_to_none=True)
             if policy is not None:
                 policy.step()
-            loss_sum += loss.item() * len(y)
-            samples += len(y)
+            losses.append(loss.detach())
+            sizes.append(len(y))
             bar.update(1)
         _sync(config.device)
         epoch_time = time.perf_counter() - started
         bar.close()
+        loss_sum, samples = 0.0, sum(sizes)
+        for value, size in zip(torch.stack(losses).float().tolist() if losses else [], sizes):
+            loss_sum += value * size  # in Python floats, in step order, as it always was
         if policy is not None:
             policy.end_epoch()
         lr = optimizer.param_groups[0]["lr"]
