@@ -61,20 +61,22 @@ def test_grouped_strided_dilated_conv_backward_matches_the_python_kernel(channel
 
 
 def _check_conv(case, wanted, contiguous_weight_grad):
-    python, cpp = _pair("conv_backward")
     grad, x, w, conv = case
-    args = (*conv, *wanted, contiguous_weight_grad)
-    fake = kernels._SCHEMAS["conv_backward"][2](grad, x, w, None, 1, *args)  # what Inductor plans for
-    for dropped in (False, True):
-        results, records = [], []
-        for op in (python, cpp):
-            state = _state()
-            state.set_dropped((1,) if dropped else ())
-            results.append(op(grad, x, w, state.mask, 1, *args))
-            records.append(set(state.skipped))
-        _same(results[1], results[0])
-        assert [r.stride() for r in results[1]] == [f.stride() for f in fake]
-        assert records[0] == records[1] == ({1} if dropped else set())
+    # conv_backward (the CPU path: dX too), conv_weight_grad (CUDA's: dW and db only)
+    for name, flags in (("conv_backward", wanted), ("conv_weight_grad", wanted[1:])):
+        python, cpp = _pair(name)
+        args = (*conv, *flags, contiguous_weight_grad)
+        fake = kernels._SCHEMAS[name][2](grad, x, w, None, 1, *args)  # what Inductor plans for
+        for dropped in (False, True):
+            results, records = [], []
+            for op in (python, cpp):
+                state = _state()
+                state.set_dropped((1,) if dropped else ())
+                results.append(op(grad, x, w, state.mask, 1, *args))
+                records.append(set(state.skipped))
+            _same(results[1], results[0])
+            assert [r.stride() for r in results[1]] == [f.stride() for f in fake]
+            assert records[0] == records[1] == ({1} if dropped else set())
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -3,7 +3,7 @@
 // kernel of the same name in ldbfx/ops/kernels.py (``<name>_native`` is defined there) and does
 // exactly what that kernel does, with the same aten calls, so gradients are the same bytes. What
 // it saves is the Python: 50-70 us per call inside a compiled step on a 2-core CPU, 53
-// convolutions and 106 norm parameters per ResNet-50 step.
+// convolutions and 106 norm parameters per ResNet-50 step (on CUDA every convolution's dW).
 //
 // The mask the graph passes is a view of the first n bytes of its model's control buffer
 // (ldbfx/state.py, LdbState):
@@ -166,6 +166,18 @@ ConvResult conv_backward(const Tensor& grad_in, const Tensor& x, const Tensor& w
   return {gx, gw, with_bias ? gb : grad.new_empty({0})};
 }
 
+// dW and db only: dX is the graph's own aten call (CUDA, and a double backward on any device).
+std::tuple<Tensor, Tensor> conv_weight_grad(const Tensor& grad, const Tensor& x, const Tensor& weight,
+                                            const Tensor& mask, int64_t index, at::IntArrayRef stride,
+                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                            bool want_weight, bool with_bias, bool contiguous_weight_grad) {
+  // As the Python kernel: conv_backward without dX (whose fallback, for row selections and
+  // foreign masks, is then the Python conv_backward without dX: the same as conv_weight_grad's).
+  auto result = conv_backward(grad, x, weight, mask, index, stride, padding, dilation, groups, false, want_weight,
+                              with_bias, contiguous_weight_grad);
+  return {std::get<1>(result), std::get<2>(result)};
+}
+
 std::tuple<Tensor, Tensor> linear_weight_grad(const Tensor& grad2d, const Tensor& x2d, const Tensor& mask,
                                               int64_t index, bool with_bias) {
   uint8_t* layer = control(mask, index);
@@ -200,6 +212,7 @@ Tensor masked_grad(const Tensor& grad, const Tensor& mask, int64_t index) {
 
 TORCH_LIBRARY_IMPL(ldbfx, CompositeExplicitAutograd, m) {
   m.impl("conv_backward_native", conv_backward);
+  m.impl("conv_weight_grad_native", conv_weight_grad);
   m.impl("linear_weight_grad_native", linear_weight_grad);
   m.impl("masked_grad_native", masked_grad);
 }

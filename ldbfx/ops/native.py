@@ -34,7 +34,7 @@ from ..state import native_records_in_use
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 #: The ops ``native.cpp`` implements (``ldbfx::<name>_native``, defined in ``ops.kernels``).
-NAMES = ("conv_backward", "linear_weight_grad", "masked_grad")
+NAMES = ("conv_backward", "conv_weight_grad", "linear_weight_grad", "masked_grad")
 
 _available: bool | None = None
 _lock = threading.Lock()  # one build per process, even if two threads compile at once
