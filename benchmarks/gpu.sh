@@ -3,8 +3,8 @@
 # machine's 600 s per command, less a margin):
 #
 #     bash benchmarks/gpu.sh            # all phases
-#     bash benchmarks/gpu.sh tests      # phase 1 only
-#     bash benchmarks/gpu.sh bench      # phases 2-4
+#     bash benchmarks/gpu.sh tests      # the tests only (1)
+#     bash benchmarks/gpu.sh bench      # the benchmarks only (2-4)
 #
 # 1. tests/test_cuda.py: gradients over changing masks in eager, default and reduce-overhead
 #    (ResNet-18 and a small ViT) vs the eager reference, CUDA graphs kept under reduce-overhead;
@@ -76,10 +76,10 @@ if [ "$what" != bench ]; then
 fi
 if [ "$what" != tests ]; then
     for model in resnet50 vit_b_16; do
-        layout=()
-        [ "$model" = resnet50 ] && layout=(--channels-last)  # how CNNs are trained on GPUs
+        # channels_last: how CNNs are trained on GPUs
+        if [ "$model" = resnet50 ]; then limit=150 layout=(--channels-last); else limit=120 layout=(); fi
         # shellcheck disable=SC2086  # the fractions are separate words
-        phase $([ "$model" = resnet50 ] && echo 150 || echo 120) "core benchmark, $model" "$out-core-$model.log" "$PY" -m ldbfx bench "$model" \
+        phase "$limit" "core benchmark, $model" "$out-core-$model.log" "$PY" -m ldbfx bench "$model" \
             --device cuda --amp bf16 ${layout[@]+"${layout[@]}"} --resolution 224 --batch 128 \
             --fractions 0 0.3 0.5 1.0 --compiled-fractions $compiled_fractions \
             --steps 5 --warmup 2 --rounds 2 --out "$out-core-$model.json"
