@@ -167,7 +167,8 @@ def export_model(
         raise TraceError(
             f"{type(model).__qualname__} has gradient checkpointing on: the captured graph would "
             "not checkpoint (activation memory would silently grow). Call "
-            "model.gradient_checkpointing_disable() before ldbfx.transform")
+            "model.activation_checkpointing_disable() (gradient_checkpointing_disable() in older "
+            "transformers) before ldbfx.transform")
     hooked = [name or type(model).__qualname__ for name, m in model.named_modules() if has_hooks(m)]
     if hooked:
         # Export runs forward (and its hooks) once, at capture: the graph then holds whatever the

@@ -72,7 +72,7 @@ def _refuse_checkpointing(*args, **kwargs):
         "gradient checkpointing cannot be enabled while an ldbfx graph is installed: the captured "
         "graph does not checkpoint, so activation memory would silently stay as without it. "
         "Call ldbfx.uninstall(model) first (and train without ldbfx), or train without "
-        "gradient_checkpointing")
+        "activation checkpointing")
 
 
 def _loss_kwargs_targets(model: nn.Module) -> list[nn.Module]:
@@ -93,7 +93,8 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     call must pass exactly the example batch's inputs; without gradients, the original forward
     runs (same values). Trainer no longer passes ``num_items_in_batch`` (the graph has no such
     input), so with gradient accumulation it averages the loss per micro-batch.
-    ``model.gradient_checkpointing_enable()`` is refused while installed.
+    ``model.activation_checkpointing_enable()`` (and its old name,
+    ``gradient_checkpointing_enable``) is refused while installed.
 
     Args:
         model: the model given to :func:`ldbfx.transform`.

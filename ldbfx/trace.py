@@ -121,7 +121,8 @@ def _trace_one(model: nn.Module, tracer: fx.Tracer, concrete_args: dict[str, Any
             f"{location} calls torch.utils.checkpoint: a traced graph would inline the checkpointed "
             "code and keep all of its activations (memory would silently grow). Turn activation "
             "checkpointing off before ldbfx.transform (timm: model.set_grad_checkpointing(False); "
-            "Hugging Face: model.gradient_checkpointing_disable()), or make the module that calls it "
+            "Hugging Face: model.activation_checkpointing_disable(), gradient_checkpointing_disable() in "
+            "older transformers), or make the module that calls it "
             "a leaf: leaf_modules=[...] (it then trains as one gated layer, without savings)"
         ) from None
     except Exception as cause:

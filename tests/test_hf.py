@@ -205,14 +205,21 @@ def test_compiled_once_over_masks_and_sequence_lengths():
     torch._dynamo.reset()
 
 
+def _checkpointing_switches(model):
+    """Hugging Face's activation-checkpointing switches, the current name first: transformers 5.24
+    renamed gradient_checkpointing_enable (now a deprecated alias)."""
+    names = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    return [getattr(model, name) for name in names if hasattr(model, name)]
+
+
 def test_export_errors_name_the_fix():
     model = llama()
     model.config.use_cache = True  # returns a DynamicCache, which export cannot return
     with pytest.raises(ldbfx.TraceError, match="use_cache = False"):
         ldbfx.transform(model, example_kwargs=tokens())
     model = llama()
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ldbfx.TraceError, match="gradient_checkpointing_disable"):
+    _checkpointing_switches(model)[0]()
+    with pytest.raises(ldbfx.TraceError, match=r"activation_checkpointing_disable\(\) \(gradient_checkpointing_disable"):
         ldbfx.transform(model, example_kwargs=tokens())
     model = llama()
     model.model.layers[0].mlp.register_forward_hook(lambda m, i, o: None)
@@ -273,8 +280,9 @@ def test_install_trains_through_the_graph_and_keeps_the_model(tmp_path):
     model.train()
     with pytest.raises(ldbfx.LdbfxError, match="example batch"):
         model(input_ids=prompt, token_type_ids=prompt)  # an input the graph was not captured with
-    with pytest.raises(ldbfx.LdbfxError, match="gradient checkpointing"):
-        model.gradient_checkpointing_enable()
+    for switch in _checkpointing_switches(model):
+        with pytest.raises(ldbfx.LdbfxError, match="gradient checkpointing"):
+            switch()
 
     copied = copy.deepcopy(model)  # routes to a copy of the graph over the copy's own modules
     assert ldbfx.installed(copied) is not gm

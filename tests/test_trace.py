@@ -241,7 +241,7 @@ def test_activation_checkpointing_inside_forward_is_refused():
             return self.head(self.inner(x))
 
     with pytest.raises(ldbfx.TraceError, match=r"module 'inner' \(.*Checkpointed\) calls torch.utils."
-                                               "checkpoint.*gradient_checkpointing_disable"):
+                                               "checkpoint.*activation_checkpointing_disable"):
         ldbfx.transform(Outer())
     model = Outer()
     gm = ldbfx.transform(model, leaf_modules=["inner"], keep_first=0)  # called whole: still checkpointed
