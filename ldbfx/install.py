@@ -63,7 +63,7 @@ class _RoutedForward:
                               copy.deepcopy(self.model, memo))
 
 
-#: Hugging Face's switches for activation checkpointing (the second is the v5 name).
+#: Hugging Face's switches for activation checkpointing (the second is the newer name, not in 5.0).
 _CHECKPOINTING = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 
 

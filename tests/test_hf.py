@@ -206,8 +206,8 @@ def test_compiled_once_over_masks_and_sequence_lengths():
 
 
 def _checkpointing_switches(model):
-    """Hugging Face's activation-checkpointing switches, the current name first: transformers 5.24
-    renamed gradient_checkpointing_enable (now a deprecated alias)."""
+    """Hugging Face's activation-checkpointing switches, the current name first: a 5.x release
+    after 5.0 renamed gradient_checkpointing_enable (a deprecated alias in 5.23 and 5.24)."""
     names = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
     return [getattr(model, name) for name in names if hasattr(model, name)]
 
