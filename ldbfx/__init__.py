@@ -14,7 +14,7 @@ from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, Trac
 from .inspect import summary, to_networkx
 from .install import install, installed, uninstall
 from .layers import Layer, layers
-from .mask import dropped, frozen_rows, set_dropped, set_frozen_rows
+from .mask import discard_skipped, dropped, frozen_rows, set_dropped, set_frozen_rows
 from .module import LdbGraphModule
 from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
 from .rewrite import TransformConfig, transform
@@ -29,6 +29,7 @@ __all__ = [
     "layers",
     "set_dropped",
     "dropped",
+    "discard_skipped",
     "set_frozen_rows",
     "frozen_rows",
     "branches",

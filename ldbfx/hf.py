@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from .errors import LdbfxError
 from .install import installed
+from .mask import discard_skipped
 
 __all__ = ["LdbCallback"]
 
@@ -76,7 +77,11 @@ class LdbCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.policy.start_epoch(self._epoch)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        # accelerate's optimizer says whether GradScaler skipped the step (inf/NaN): its
+        # gradients are gone, and so must be its record of what the backward skipped.
+        if getattr(optimizer, "step_was_skipped", False):
+            discard_skipped(self.gm)
         self.policy.step()
 
     def on_epoch_end(self, args, state, control, **kwargs):

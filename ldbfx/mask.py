@@ -35,7 +35,7 @@ from .layers import Layer
 from .module import LdbGraphModule
 from .state import LdbState, RowSelection
 
-__all__ = ["set_dropped", "dropped", "set_frozen_rows", "frozen_rows"]
+__all__ = ["set_dropped", "dropped", "discard_skipped", "set_frozen_rows", "frozen_rows"]
 
 _hook_handle = None
 
@@ -143,6 +143,33 @@ def dropped(gm: LdbGraphModule) -> tuple[str, ...]:
     """Names of the layers currently dropped, in topological order."""
     gm = _check(gm)
     return tuple(gm.ldbfx_layers[i].name for i in gm.ldbfx_state.dropped)
+
+
+def discard_skipped(gm: LdbGraphModule) -> None:
+    """Forgets which layers the backward skipped since the last ``optimizer.step()``.
+
+    Call it when a step does not happen and its gradients are thrown away: ``GradScaler`` found
+    inf/NaN, skipped ``optimizer.step()``, and ``zero_grad()`` follows. The record of what a
+    backward skipped is cleared only when an optimizer steps, so without this call the next step
+    would also leave those layers untouched, as if they had been dropped in it too. ldbfx's
+    trainer and :class:`ldbfx.hf.LdbCallback` call it after a skipped step. Do not call it when
+    you skip a step but keep accumulating the same gradients: the record belongs to them.
+
+    Args:
+        gm: a module returned by :func:`ldbfx.transform`.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> gm, opt = ldbfx.transform(model), torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu")
+        >>> ldbfx.set_dropped(gm, ["4"])
+        >>> scaler.scale(gm(torch.randn(2, 4)).sum() * float("inf")).backward()
+        >>> scaler.step(opt); scaler.update()           # inf: no optimizer.step()
+        >>> ldbfx.discard_skipped(gm)                   # layer 4 may train in the next step
+        >>> opt.zero_grad()
+    """
+    _check(gm).ldbfx_state.discard_skipped()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -182,6 +182,12 @@ class LdbState:
         self._skipped.add(index)
         _ACTIVE.add(self)
 
+    def discard_skipped(self) -> None:
+        """Forgets the record, the native kernels' bytes included: the gradients it described
+        were thrown away without an optimizer step (see :func:`ldbfx.discard_skipped`)."""
+        self.collect_native_record()
+        self._skipped.clear()
+
     def clear_skipped_grads(self, held: set[int]) -> None:
         """Before ``optimizer.step()``: skipped layers whose parameters the optimizer holds (ids in
         ``held``) get ``.grad = None``, so nothing moves them (no momentum, no weight decay), and

@@ -31,6 +31,8 @@ from .distributed import skip_dropped_allreduce
 from .errors import LdbfxError
 from .inspect import branch_flops, weight_grad_flops
 from .layers import layers as _layers
+from .mask import discard_skipped
+from .module import LdbGraphModule
 from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
 from .rewrite import transform
 
@@ -229,6 +231,8 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(config.device.split(":")[0], enabled=config.amp == "fp16")
+    stepped = []  # appended to by each optimizer.step(); GradScaler skips it on inf/NaN
+    optimizer.register_step_post_hook(lambda *_: stepped.append(True))
     policy = None
     flops = None  # LDB: per-layer dW FLOPs; DropBP: per-branch backward FLOPs
     probe = (torch.stack([splits.train[i][0] for i in range(min(8, len(splits.train)))]).to(config.device)
@@ -321,9 +325,14 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
                 loss = F.cross_entropy(logits, y)
             # With fp16: scaled backward; scaler.step unscales, then skips the step on inf/NaN.
             # ldbfx's optimizer hook runs inside optimizer.step, so dropped layers stay untouched.
+            # A skipped step's gradients are thrown away, and so is its record of what it skipped
+            # (else the next step would leave those layers untouched too).
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if not stepped and isinstance(net, LdbGraphModule):
+                discard_skipped(net)
+            stepped.clear()
             optimizer.zero_grad(set_to_none=True)
             if policy is not None:
                 policy.step()

@@ -86,3 +86,36 @@ def test_fp16_grad_scaler_leaves_dropped_layers_untouched_and_skips_inf_steps():
     step([], poison=True)  # inf: the step is skipped, the scale backs off
     assert scaler.get_scale() < scale
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("path", ["eager", "opaque"])
+def test_a_skipped_fp16_step_leaves_no_skip_record_behind(path):
+    # GradScaler skips optimizer.step() on inf/NaN, so ldbfx's hook does not run and the record of
+    # what that backward skipped stays (in Python, or in the native kernels' bytes). Unless
+    # discard_skipped forgets it with the gradients, the next step leaves layer 4 untouched
+    # although nothing is dropped then.
+    x = torch.randn(4, 8)
+    for discard in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(7)])
+        gm = ldbfx.transform(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+
+        def step(dropped, poison=False):
+            ldbfx.set_dropped(gm, dropped)
+            with ops.compiled_path() if path == "opaque" else torch.enable_grad():
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = gm(x).float().square().mean()
+                scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        step(["4"], poison=True)
+        if discard:
+            ldbfx.discard_skipped(gm)
+            assert not gm.ldbfx_state.skipped
+        opt.zero_grad()
+        before = model[4].weight.detach().clone()
+        step([])
+        assert torch.equal(model[4].weight, before) != discard, discard  # trains once discarded

@@ -1,10 +1,12 @@
 """The trainer end to end on a few tiny steps: every policy, resume, compile."""
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+import ldbfx
 from ldbfx.train import TrainConfig, train
 
 TINY = TrainConfig(data="digits", model="resnet18", image_size=32, epochs=3, batch_size=16,
@@ -88,6 +90,34 @@ def test_channel_dropback_and_learn_and_drop_runs():
     frozen = [r["frozen_layers"] for r in lnd.history]
     assert frozen[0] == 0 and frozen == sorted(frozen)  # never reinstated
     assert all(r["test_acc"] >= 0 for r in lnd.history)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step ran
+def test_skipped_fp16_steps_discard_their_skip_record(monkeypatch):
+    # A loss scale far too large: every step's fp16 gradients overflow, GradScaler skips the
+    # optimizer step and halves the scale. The trainer must then discard the record of what the
+    # backward skipped (else the next step leaves those layers untouched too), and only then.
+    import ldbfx.train as trainer
+
+    calls = []
+
+    def discard(gm):
+        calls.append(bool(gm.ldbfx_state.skipped))
+        ldbfx.discard_skipped(gm)
+
+    scalers = []
+
+    class HugeScale(torch.amp.GradScaler):
+        def __init__(self, device, enabled):
+            super().__init__(device, init_scale=2.0 ** 40, enabled=enabled)
+            scalers.append(self)
+
+    monkeypatch.setattr(trainer, "discard_skipped", discard)
+    monkeypatch.setattr(trainer.torch.amp, "GradScaler", HugeScale)
+    train(replace(TINY, policy="ldb", period=1, kappa=1, amp="fp16", epochs=2, max_steps_per_epoch=4))
+    skipped = round(math.log2(2.0 ** 40 / scalers[0].get_scale()))
+    assert skipped > 0 and len(calls) == skipped
+    assert any(calls)  # some of them had dropped layers to forget
 
 
 def test_fp16_trains_with_a_grad_scaler(tmp_path):
