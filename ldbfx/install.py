@@ -35,9 +35,17 @@ class _RoutedForward:
 
     def __init__(self, gm: LdbGraphModule, original, model: nn.Module):
         self.gm, self.original, self.model = gm, original, model
-        # The captured inputs, and no **kwargs: Hugging Face's Trainer keeps exactly these dataset
-        # columns and does not pass loss kwargs (num_items_in_batch) the graph was not captured with.
-        self.__signature__ = inspect.signature(gm.forward)
+        self.inputs = inspect.signature(gm.forward)  # what the captured graph takes
+        # What Hugging Face's Trainer reads to choose the dataset columns it keeps: the model's own
+        # inputs, as without ldbfx. A column the example batch lacked (an attention_mask) then
+        # reaches the call and is refused below, where the captured inputs alone would have made
+        # Trainer drop it silently. No **kwargs: Trainer passes no loss kwargs (num_items_in_batch).
+        try:
+            own = inspect.signature(original)
+        except (TypeError, ValueError):  # no signature to read: the captured inputs
+            own = self.inputs
+        self.__signature__ = own.replace(parameters=[
+            p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD])
         self.__name__ = self.__qualname__ = "forward"
         self.__doc__ = getattr(original, "__doc__", None)
 
@@ -45,12 +53,12 @@ class _RoutedForward:
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
         try:
-            self.__signature__.bind(*args, **kwargs)
+            self.inputs.bind(*args, **kwargs)
         except TypeError as cause:
             raise LdbfxError(
                 f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional) "
                 f"that the captured graph does not take ({cause}): the graph takes exactly the "
-                f"inputs of the example batch given to ldbfx.transform: {self.__signature__}. "
+                f"inputs of the example batch given to ldbfx.transform: {self.inputs}. "
                 "Transform again with an example batch that has these inputs, or "
                 "ldbfx.uninstall(model)") from None
         # gm is its own root module: model.train()/eval() set the shared children's flags but

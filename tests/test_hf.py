@@ -7,6 +7,7 @@ sequence lengths, install() with save_pretrained/generate, the Trainer callback,
 """
 
 import copy
+import types
 
 import pytest
 import torch
@@ -397,6 +398,47 @@ def test_trainer_callback_refuses_what_it_cannot_do(tmp_path):
     callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
     with pytest.raises(ldbfx.LdbfxError, match="ldbfx.install"):  # not installed: silently full
         _trainer(model, [callback], tmp_path, epochs=1).train()
+
+
+def test_trainer_keeps_the_columns_the_graph_lacks_and_the_call_refuses_them(tmp_path):
+    # Captured without attention_mask, which the dataset has: Trainer keeps the columns the
+    # model's own forward takes (as without ldbfx), and the call names the missing input, where
+    # dropping the column would have trained without the mask silently.
+    from ldbfx.hf import LdbCallback
+
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs={k: v for k, v in tokens().items() if k != "attention_mask"})
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
+    with pytest.raises(ldbfx.LdbfxError, match=r"inputs \['attention_mask', 'input_ids', 'labels'\].*example batch"):
+        _trainer(model, [callback], tmp_path, epochs=1).train()
+
+
+def test_trainer_callback_discards_the_record_of_a_skipped_step():
+    # Under fp16, accelerate's optimizer reports a step GradScaler skipped (inf/NaN): the
+    # callback must then forget what that backward skipped, else the next step leaves those
+    # layers untouched too. A step that ran has cleared the record itself.
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from ldbfx.hf import LdbCallback
+
+    assert isinstance(getattr(AcceleratedOptimizer, "step_was_skipped", None), property)
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=1, kappa=1, seed=0)
+    state = transformers.TrainerState()
+    callback.on_train_begin(None, state, None, model=model,
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    callback.on_epoch_begin(None, state, None)
+    for skipped in (False, True):
+        ldbfx.set_dropped(gm, [l.name for l in ldbfx.layers(gm) if l.eligible][:2])
+        model(**tokens())[0].float().sum().backward()
+        assert gm.ldbfx_state.skipped
+        callback.on_step_end(None, state, None, optimizer=types.SimpleNamespace(step_was_skipped=skipped))
+        assert bool(gm.ldbfx_state.skipped) != skipped, skipped
+        gm.ldbfx_state.discard_skipped()
+        model.zero_grad()
 
 
 # ------------------------------------------------------------------------------------------
