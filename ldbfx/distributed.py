@@ -84,21 +84,34 @@ def broadcast_seed(seed: int | None = None, src: int = 0, group=None) -> int:
     return int(value.item())
 
 
+def _mask_digest(state) -> torch.Tensor:
+    """Everything a policy draws, as one int64 vector: the layer mask, the branch mask
+    (DropBP) and a digest of the row selections (ChannelDropBack; hashes of int tuples are
+    the same in every process)."""
+    rows = hash(tuple(sorted((index, sel.dim, tuple(sel.frozen.tolist())) for index, sel in state.rows.items())))
+    return torch.cat([state.mask.long(), state.branch_mask.long(), torch.tensor([rows])])
+
+
 def check_masks(gm, group=None) -> None:
-    """Raises :class:`LdbfxError` if the drop mask differs between ranks (one all-gather).
+    """Raises :class:`LdbfxError` if what the policy drew differs between ranks (one all-gather):
+    the dropped layers, the dropped branches (DropBP) or the frozen rows (ChannelDropBack).
 
     Call it in debug runs after the policy's draw; a divergent mask means the ranks were not given
     the same policy ``seed`` (their weights would silently drift apart).
     """
-    mask = _check(gm).ldbfx_state.mask
-    local = mask.to(device=_collective_device(group), dtype=torch.uint8)
+    state = _check(gm).ldbfx_state
+    local = _mask_digest(state).to(_collective_device(group))
     gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(gathered, local, group=group)
     differing = [rank for rank, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
     if differing:
+        n, b = len(state.mask), len(state.branch_mask)
+        parts = {"dropped layers": slice(0, n), "dropped branches": slice(n, n + b), "frozen rows": slice(n + b, None)}
+        what = [name for name, part in parts.items()
+                if any(not torch.equal(other[part], gathered[0][part]) for other in gathered)]
         raise LdbfxError(
-            f"ldbfx masks differ between ranks (rank 0 vs ranks {differing}): give every rank's policy "
-            "the same seed, or broadcast the mask from rank 0")
+            f"ldbfx masks differ between ranks (rank 0 vs ranks {differing}: {', '.join(what)}): give "
+            "every rank's policy the same seed, or broadcast the mask from rank 0")
 
 
 @dataclass

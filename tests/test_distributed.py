@@ -201,6 +201,53 @@ def test_check_masks_detects_divergent_ranks(tmp_path):
         assert "masks differ between ranks" in (tmp_path / f"rank{rank}.txt").read_text()
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(4))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x)
+
+
+def _divergent_draws_rank(rank, world, init_file, out_dir):
+    # DropBP draws branches and ChannelDropBack rows: a rank that drew other ones must be caught
+    # too, each named. Every case starts from equal draws, then only rank 1 differs.
+    _init(rank, world, init_file)
+    torch.manual_seed(0)
+    gm = ldbfx.transform(_Residual())
+    branch = [b.name for b in ldbfx.branches(gm) if b.eligible][0]
+    layer = [l.name for l in ldbfx.layers(gm) if l.eligible and l.kind == "linear"][0]
+    messages = []
+    for differ in (lambda: ldbfx.set_dropped_branches(gm, [branch]),
+                   lambda: ldbfx.set_frozen_rows(gm, {layer: [rank]})):
+        ldbfx.distributed.check_masks(gm)  # equal so far
+        if rank == 1:
+            differ()
+        try:
+            ldbfx.distributed.check_masks(gm)
+            messages.append("")
+        except ldbfx.LdbfxError as error:
+            messages.append(str(error))
+        ldbfx.set_dropped_branches(gm, [])
+        ldbfx.set_frozen_rows(gm, {})
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(messages))
+    dist.destroy_process_group()
+
+
+def test_check_masks_detects_divergent_branches_and_rows(tmp_path):
+    _spawn(_divergent_draws_rank, 2, str(tmp_path / "init"), str(tmp_path))
+    for rank in range(2):
+        branches, rows = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert "masks differ between ranks (rank 0 vs ranks [1]: dropped branches)" in branches
+        assert "masks differ between ranks (rank 0 vs ranks [1]: frozen rows)" in rows
+
+
 def test_skip_dropped_allreduce_names_what_is_missing():
     class FakeDDP:  # the hook is refused before DDP is touched
         def __init__(self, module):
