@@ -161,8 +161,6 @@ def test_mask_reading_ops_are_kept_out_of_cuda_graphs():
     # Each ldbfx custom op reads the CPU mask on the host to choose its kernels: one recorded in
     # a CUDA graph (mode="reduce-overhead") would replay a stale choice. The tag is what makes
     # Inductor leave them out; tests/test_cuda.py checks the gradients on a GPU.
-    if not hasattr(torch.Tag, "cudagraph_unsafe"):
-        pytest.skip("torch < 2.9 has no cudagraph_unsafe tag")
     from ldbfx.ops.kernels import KERNELS
 
     for mechanism, kernels in KERNELS.items():

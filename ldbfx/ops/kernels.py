@@ -40,9 +40,10 @@ from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selectio
 # CUDA graph recorded around one (``torch.compile(mode="reduce-overhead")``) would replay the
 # branch taken while recording, and gradients would be silently stale when the mask changes. The
 # tag makes Inductor keep them out of CUDA graphs (a partition boundary, or no CUDA graph for that
-# region). It exists from torch 2.9.
+# region). It exists from torch 2.9, which ldbfx requires for it: without the tag a CUDA graph
+# would silently replay stale masks, so an older torch fails here, at import.
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-_CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+_CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,)
 
 
 def _skipped(mask: Tensor, index: int) -> bool:
@@ -287,7 +288,7 @@ _LAYOUT = {"conv_weight_grad": torch.Tag.needs_fixed_stride_order, "conv_backwar
 
 
 def _tags(name: str) -> tuple:
-    """A kernel's layout tag and, where it exists, ``cudagraph_unsafe`` (the ``_native`` twins too)."""
+    """A kernel's layout tag and ``cudagraph_unsafe`` (the ``_native`` twins too)."""
     return (_LAYOUT.get(name, torch.Tag.flexible_layout),) + _CUDAGRAPH_UNSAFE
 
 
