@@ -296,6 +296,9 @@ def add_arguments(parser: argparse.ArgumentParser, models_positional: bool = Tru
 
 def argument_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of arguments argparse cannot check alone, or ``None``."""
+    outside = sorted({f for f in (*args.fractions, *(args.compiled_fractions or ())) if not 0.0 <= f <= 1.0})
+    if outside:
+        return f"fractions must lie in [0, 1], got {outside}"
     unknown = sorted(set(args.compiled_fractions or ()) - set(args.fractions))
     if unknown:
         return f"--compiled-fractions {unknown} are not among --fractions {args.fractions}"

@@ -112,6 +112,8 @@ BAD_INPUT = [
     (["bench", "not_a_model"], "ldbfx bench: error: unknown model 'not_a_model'"),
     (["bench", "resnet18", "--fractions", "0", "0.3", "--compiled-fractions", "0.5"],
      "ldbfx bench: error: --compiled-fractions [0.5] are not among --fractions [0.0, 0.3]"),
+    (["bench", "resnet18", "--fractions", "0", "-0.3", "1.5"],  # a negative one dropped the wrong layers
+     "ldbfx bench: error: fractions must lie in [0, 1], got [-0.3, 1.5]"),
     (["bench", "resnet18", "--no-compile", "--compiled-fractions", "0"],
      "ldbfx bench: error: --compiled-fractions needs the compiled measurements (drop --no-compile)"),
     (["train", "--device", "cuda:7"], "ldbfx train: error: --device cuda:7: this machine has"),
