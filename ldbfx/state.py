@@ -101,6 +101,10 @@ class LdbState:
         self.param_refs = param_refs
         self.dropped: tuple[int, ...] = ()
         self._skipped: set[int] = set()
+        # Of a layer still in the record, the parameters an optimizer step has already cleared
+        # (ids): a layer leaves the record once all its trainable parameters have been, by one
+        # optimizer or several (Muon for matrices and AdamW for biases).
+        self._cleared: dict[int, set[int]] = {}
         self.rows: dict[int, RowSelection] = {}
         self.rows_exact = True
         self.dense = False
@@ -153,7 +157,14 @@ class LdbState:
         """Eager forward with grad enabled: the mask was read now, so its drops are skipped."""
         if self.dropped:
             self._skipped.update(self.dropped)
+            self._forget_cleared(self.dropped)
             _ACTIVE.add(self)
+
+    def _forget_cleared(self, indices) -> None:
+        """A new backward skipped ``indices``: each of their parameters must be cleared again."""
+        if self._cleared:
+            for index in indices:
+                self._cleared.pop(index, None)
 
     @property
     def skipped(self) -> set[int]:
@@ -175,11 +186,14 @@ class LdbState:
             indices = record.nonzero()[0]
             record[indices] = False
             self._skipped.update(indices.tolist())
+            self._forget_cleared(indices.tolist())
             _ACTIVE.add(self)
 
     def record_skipped(self, index: int) -> None:
         """The compiled path's backward skipped layer ``index`` (it reads the mask then)."""
         self._skipped.add(index)
+        if self._cleared:
+            self._cleared.pop(index, None)
         _ACTIVE.add(self)
 
     def discard_skipped(self) -> None:
@@ -187,20 +201,30 @@ class LdbState:
         were thrown away without an optimizer step (see :func:`ldbfx.discard_skipped`)."""
         self.collect_native_record()
         self._skipped.clear()
+        self._cleared.clear()
 
     def clear_skipped_grads(self, held: set[int]) -> None:
-        """Before ``optimizer.step()``: skipped layers whose parameters the optimizer holds (ids in
-        ``held``) get ``.grad = None``, so nothing moves them (no momentum, no weight decay), and
-        leave the record. Layers held by another optimizer (a GAN's two) wait for its step."""
+        """Before ``optimizer.step()``: the parameters of skipped layers that the optimizer holds
+        (ids in ``held``) get ``.grad = None``, so nothing moves them (no momentum, no weight
+        decay). A layer leaves the record when each of its trainable parameters has been cleared
+        so, by this optimizer or another one (a GAN's two; Muon and AdamW sharing a layer)."""
         done = []
         for index in self._skipped:  # the hook has merged the native record already
-            params = self.params(index)
-            if all(id(p) in held for p in params):
-                done.append(index)
-            for p in params:
+            cleared = self._cleared.get(index, ())
+            pending = False
+            for p in self.params(index):
+                if id(p) in cleared or not p.requires_grad:
+                    continue
                 if id(p) in held:
                     p.grad = None
+                    self._cleared.setdefault(index, set()).add(id(p))
+                else:
+                    pending = True  # another optimizer's, or none's: it waits for that step
+            if not pending:
+                done.append(index)
         self._skipped.difference_update(done)
+        for index in done:
+            self._cleared.pop(index, None)
 
     # -- branches ---------------------------------------------------------------------------------
     def set_dropped_branches(self, indices: tuple[int, ...]) -> None:
@@ -216,6 +240,7 @@ class LdbState:
         layers = self.branch_layers[index]
         if layers:
             self._skipped.update(layers)
+            self._forget_cleared(layers)
             _ACTIVE.add(self)
 
     def branch_params(self, index: int) -> tuple[nn.Parameter, ...]:

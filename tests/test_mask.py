@@ -165,6 +165,35 @@ def test_two_optimizers_each_skip_their_own_layers():
     assert not gm.ldbfx_state.skipped
 
 
+@pytest.mark.parametrize("split", ["two optimizers", "frozen bias"])
+def test_a_layer_split_between_optimizers_trains_again_once_kept(split):
+    # Layer 5's weight and bias are stepped by two optimizers (Muon for matrices, AdamW for the
+    # rest), or its bias is frozen and the optimizer holds only the weight. Before, no single
+    # optimizer held the whole layer, so it never left the record: once dropped, it stayed
+    # frozen for the rest of training.
+    model, gm = make()
+    weights = [m.weight for m in model]
+    if split == "frozen bias":
+        model[5].bias.requires_grad_(False)
+        optimizers = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)]
+    else:
+        optimizers = [torch.optim.SGD(weights, lr=0.1), torch.optim.SGD([m.bias for m in model], lr=0.1)]
+    x = torch.randn(3, 6)
+
+    def step(dropped):
+        ldbfx.set_dropped(gm, dropped)
+        gm(x).square().sum().backward()
+        before = (model[5].weight.detach().clone(), model[5].bias.detach().clone())
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        return [not torch.equal(new, old) for new, old in zip((model[5].weight, model[5].bias), before)]
+
+    assert step(["5"]) == [False, False]
+    assert not gm.ldbfx_state.skipped  # each trainable parameter cleared once: the layer left
+    assert step([]) == [True, split == "two optimizers"]
+
+
 def test_deepcopy_with_dropped_layers_has_its_own_state_and_keeps_them_untouched():
     import copy
 
