@@ -259,7 +259,12 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
         result.layers_total, result.layers_eligible = len(layers), sum(l.eligible for l in layers)
     start_epoch = 0
     if config.resume:
-        state = torch.load(config.resume, map_location=config.device, weights_only=False)
+        # On the CPU: the RNG states must stay there, and load_state_dict moves the rest.
+        state = torch.load(config.resume, map_location="cpu", weights_only=False)
+        changed = _changed_settings(state["config"], config)
+        if changed:
+            raise LdbfxError(f"--resume {config.resume}: the checkpoint was trained with other settings "
+                             f"({'; '.join(changed)}); resume with the checkpoint's settings, or start a new run")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -269,7 +274,11 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
             policy.load_state_dict(state["policy"])
         result.history = state["history"]
         start_epoch = state["epoch"] + 1
+        if state["config"]["epochs"] != config.epochs:
+            _stretch_schedule(scheduler, config.epochs)
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and config.device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda_rng"])  # dropout, stochastic depth on the GPU
     # Learn&Drop with a cache trains the head from cached prefix outputs: its own forward.
     cached_forward = isinstance(policy, LearnAndDrop) and policy.cache is not None
     if world.size > 1 and cached_forward:
@@ -380,6 +389,7 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
                 "policy": policy.state_dict() if policy is not None else None,
                 "epoch": epoch, "history": result.history, "config": asdict(config),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if config.device.startswith("cuda") else None,
             }, config.checkpoint)
         if config.checkpoint and world.size > 1:
             dist.barrier()  # no rank goes on before the checkpoint it would resume from exists
@@ -390,6 +400,29 @@ def _train(config: TrainConfig, world: _World, on_epoch) -> RunResult:
     if policy is not None:
         policy.remove()
     return result
+
+
+# What a resumed run may change: where it writes and how it runs, not what it computes; and how
+# long it trains (the cosine schedule is stretched from the resumed epoch on).
+_FREE_ON_RESUME = {"out_dir", "checkpoint", "resume", "progress", "device", "compile",
+                   "skip_dropped_allreduce", "epochs"}
+
+
+def _changed_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """The settings of ``config`` that differ from a checkpoint's (``saved``) and may not."""
+    now = asdict(config)
+    return [f"--{key.replace('_', '-')} {now[key]!r}, the checkpoint's {saved[key]!r}"
+            for key in now if key not in _FREE_ON_RESUME and key in saved and saved[key] != now[key]]
+
+
+def _stretch_schedule(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
+    """A resumed run with another ``--epochs``: the cosine ends at the new last epoch, and the
+    learning rate from here on is what a run of ``epochs`` would have (the epochs done keep theirs).
+    Without this the loaded ``T_max`` stays the old one, and past it the cosine climbs back up."""
+    scheduler.T_max = epochs
+    t = scheduler.last_epoch
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = scheduler.eta_min + (group["initial_lr"] - scheduler.eta_min) * (1 + math.cos(math.pi * t / epochs)) / 2
 
 
 def _ddp(net: torch.nn.Module, config: TrainConfig) -> torch.nn.parallel.DistributedDataParallel:

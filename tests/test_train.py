@@ -92,6 +92,23 @@ def test_channel_dropback_and_learn_and_drop_runs():
     assert all(r["test_acc"] >= 0 for r in lnd.history)
 
 
+def test_resume_refuses_other_settings_and_stretches_the_schedule_to_more_epochs(tmp_path):
+    # A checkpoint continues its own run: another drop rate is refused, naming it. More epochs
+    # are allowed, and the cosine then ends at the new last epoch; before, the loaded T_max
+    # stayed 2 and the learning rate climbed back up after it.
+    checkpoint = str(tmp_path / "ckpt.pt")
+    first = replace(TINY, policy="ldb", epochs=2, max_steps_per_epoch=1, checkpoint=checkpoint)
+    train(first)
+    with pytest.raises(ldbfx.LdbfxError, match=r"--drop-rate 0\.5, the checkpoint's 0\.3"):
+        train(replace(first, drop_rate=0.5, resume=checkpoint))
+    longer = train(replace(first, epochs=4, resume=checkpoint, checkpoint=None))
+    # LDB scales the learning rate by kappa in its DROP epochs (period 2: epoch 2)
+    factors = [1.0, 1.0, first.kappa, 1.0]
+    for epoch in (2, 3):
+        want = first.lr * (1 + math.cos(math.pi * epoch / 4)) / 2 * factors[epoch]
+        assert longer.history[epoch]["lr"] == pytest.approx(want)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no step ran
 def test_skipped_fp16_steps_discard_their_skip_record(monkeypatch):
     # A loss scale far too large: every step's fp16 gradients overflow, GradScaler skips the
