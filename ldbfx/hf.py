@@ -23,7 +23,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .errors import LdbfxError
-from .install import installed
+from .install import check_unchanged, installed
 from .mask import discard_skipped
 
 __all__ = ["LdbCallback"]
@@ -68,6 +68,8 @@ class LdbCallback(TrainerCallback):
                 "the Trainer's model does not train through this graph: call "
                 "ldbfx.install(model, gm) before Trainer(model=model, ...), with the gm given to "
                 "LdbCallback; without it every layer would silently get its full backward")
+        if model is not None:
+            check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
         # accelerate wraps the optimizer; policies hook the torch optimizer that steps.
         while optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
             optimizer = getattr(optimizer, "optimizer", None)

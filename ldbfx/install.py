@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import LdbfxError
-from .module import LdbGraphModule
+from .module import LdbGraphModule, changes_since_capture
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -130,6 +130,8 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         raise TypeError(f"install expects the module returned by ldbfx.transform, got {type(gm).__name__}")
     if installed(model) is not None:
         raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
+    if set(gm.__dict__["_ldbfx_captured"]["modules"].values()) & {id(m) for m in model.modules()}:
+        check_unchanged(model, gm)  # captured from this model: say what changed since
     mine = dict(model.named_parameters())
     if any(mine.get(name) is not p for name, p in gm.named_parameters()):
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
@@ -143,6 +145,18 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         target.__dict__["accepts_loss_kwargs"] = False
     model.__dict__["_ldbfx_installed"] = saved
     return model
+
+
+def check_unchanged(model: nn.Module, gm: LdbGraphModule) -> None:
+    """Raises :class:`LdbfxError` if ``model`` changed since ``gm`` was captured in a way the
+    graph would not follow (see :func:`ldbfx.module.changes_since_capture`)."""
+    changes = changes_since_capture(gm, model)
+    if changes:
+        raise LdbfxError(
+            f"the model changed after ldbfx.transform, and its captured graph would silently not "
+            f"follow: {'; '.join(changes)}. Make such changes before ldbfx.transform(model, ...), "
+            "then transform and install again (Trainer makes two itself: set neftune_noise_alpha="
+            "None, and give model.config the tokenizer's pad/bos/eos token ids before transform)")
 
 
 def installed(model: nn.Module) -> LdbGraphModule | None:

@@ -118,6 +118,7 @@ class LdbGraphModule(fx.GraphModule):
         self.ldbfx_config = config
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
+        self.__dict__["_ldbfx_captured"] = _captured(model)  # what changes_since_capture compares
 
     def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
         """The parameters of layer ``index`` as the model holds them now."""
@@ -175,6 +176,10 @@ class LdbGraphModule(fx.GraphModule):
         memo[id(self.__dict__[MASK_ATTR])] = state.mask
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
         result.graph = result._graph  # re-owns the graph and regenerates forward
+        # The copy's modules are new objects: its capture record names them (the config's
+        # values are copied as they are).
+        result.__dict__["_ldbfx_captured"] = {**_captured(result),
+                                              "config": self.__dict__["_ldbfx_captured"]["config"]}
         return result
 
     def __reduce__(self):
@@ -183,3 +188,49 @@ class LdbGraphModule(fx.GraphModule):
             "gm.state_dict() instead: its keys are the original model's, so it loads into the "
             "untransformed architecture for inference"
         )
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _captured(model: nn.Module) -> dict:
+    """What a graph is captured from and cannot follow when it changes afterwards: which module
+    object sits under each name, which hooks each carries, and a Hugging Face config's values.
+    The root is left out: its hooks run around the routed ``forward``."""
+    named = [(name, m) for name, m in model.named_modules() if name]
+    config = getattr(model, "config", None)
+    return {"modules": {name: id(m) for name, m in named},
+            "parameters": {name: (id(p), tuple(p.shape)) for name, p in model.named_parameters()},
+            "hooks": {name: tuple(tuple(getattr(m, d, {})) for d in _HOOK_DICTS) for name, m in named},
+            "config": copy.deepcopy(config.to_dict()) if callable(getattr(config, "to_dict", None)) else None}
+
+
+def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
+    """How ``model`` changed since ``gm`` was captured from it, in ways the graph would silently
+    not follow: modules or parameters replaced, modules added (``resize_token_embeddings``, PEFT
+    adapters), hooks
+    added to a module that had none (Trainer's NEFTune), config values changed (Trainer's pad
+    token alignment). Empty when nothing did. O(modules): for :func:`ldbfx.install` and the
+    Trainer callback, not for every step."""
+    then, now = gm.__dict__["_ldbfx_captured"], _captured(model)
+    replaced = [n for n, i in then["modules"].items() if now["modules"].get(n, i) != i]
+    swapped = [n for n, i in then["parameters"].items() if now["parameters"].get(n, i) != i]
+    removed = [n for n in then["modules"] if n not in now["modules"]]
+    added = [n for n in now["modules"] if n not in then["modules"]]
+    hooked = [n for n, hooks in now["hooks"].items()
+              if n in then["hooks"] and not any(then["hooks"][n]) and any(hooks)]
+    config = sorted(k for k in set(then["config"] or {}) | set(now["config"] or {})
+                    if (then["config"] or {}).get(k) != (now["config"] or {}).get(k))
+    found = []
+    for what, names in (("modules replaced", replaced), ("modules removed", removed),
+                        ("modules added", added), ("parameters replaced or resized", swapped)):
+        if names:
+            found.append(f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if hooked:
+        found.append(f"hooks added to {', '.join(hooked[:5])} (Trainer's neftune_noise_alpha adds one to "
+                     "the input embeddings)")
+    if config:
+        tokens = {"pad_token_id", "bos_token_id", "eos_token_id"} & set(config)
+        found.append(f"config values changed: {', '.join(config[:8])}" + (
+            " (Trainer aligns the token ids with its processing_class's)" if tokens else ""))
+    return found

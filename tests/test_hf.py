@@ -328,11 +328,11 @@ def _dataset(n=48, length=16):
     return rows
 
 
-def _trainer(model, callbacks, out, epochs=3):
+def _trainer(model, callbacks, out, epochs=3, **options):
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=epochs,
         learning_rate=3e-3, logging_steps=6, report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, seed=0)
+        disable_tqdm=True, seed=0, **options)
     return transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
 
 
@@ -412,6 +412,34 @@ def test_trainer_keeps_the_columns_the_graph_lacks_and_the_call_refuses_them(tmp
     callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
     with pytest.raises(ldbfx.LdbfxError, match=r"inputs \['attention_mask', 'input_ids', 'labels'\].*example batch"):
         _trainer(model, [callback], tmp_path, epochs=1).train()
+
+
+def test_changes_the_graph_would_not_follow_are_refused(tmp_path):
+    # After capture the graph cannot follow a replaced module, a new hook or a changed config
+    # value: install and the Trainer callback name them instead of training without them.
+    from ldbfx.hf import LdbCallback
+
+    def captured():
+        torch.manual_seed(0)
+        model = llama(tied=False)
+        return model, ldbfx.transform(model, example_kwargs=tokens())
+
+    model, gm = captured()
+    model.resize_token_embeddings(VOCAB + 8)  # a new embedding and lm_head
+    with pytest.raises(ldbfx.LdbfxError, match="modules replaced: lm_head; parameters replaced or resized: "
+                                               "model.embed_tokens.weight, lm_head.weight; config values changed: vocab_size"):
+        ldbfx.install(model, gm)
+    model, gm = captured()
+    model.config.pad_token_id = 3  # what Trainer's token alignment does
+    with pytest.raises(ldbfx.LdbfxError, match="config values changed: pad_token_id"):
+        ldbfx.install(model, gm)
+    model, gm = captured()
+    ldbfx.install(model, gm)
+    # NEFTune: Trainer hooks the input embeddings inside train(), after install
+    trainer = _trainer(model, [LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)], tmp_path, epochs=1,
+                       neftune_noise_alpha=5.0)
+    with pytest.raises(ldbfx.LdbfxError, match="hooks added to model.embed_tokens"):
+        trainer.train()
 
 
 def test_trainer_callback_discards_the_record_of_a_skipped_step():
