@@ -479,6 +479,8 @@ def test_dropbp_uniform_rate_and_resume_draw_the_same_masks():
     assert again == ahead
     policy.end_epoch()
     assert ldbfx.dropped_branches(gm) == ()
+    with pytest.raises(ValueError, match=r"drop_rate=0\.3 \(saved: 0\.5\)"):  # was silently replaced
+        ldbfx.DropBP(ldbfx.transform(Net(depth=10)), drop_rate=0.3).load_state_dict(state)
 
 
 def test_dropbp_sensitivity_allocation_counts_flops_and_spends_the_target():

@@ -196,3 +196,45 @@ def test_step_before_start_epoch_is_an_error():
     _, gm, opt = make()
     with pytest.raises(RuntimeError, match="start_epoch"):
         ldbfx.LayerDropBack(gm, opt).step()
+
+
+def test_a_state_saved_with_other_settings_is_refused():
+    # Before, another drop rate resumed on the old draws, and ChannelDropBack's saved rows landed
+    # on other layers (positions among the candidates) when skip_first changed, silently.
+    _, gm, opt = make(24)
+    state = ldbfx.LayerDropBack(gm, None, drop_rate=0.4, period=1, seed=7).state_dict()
+    with pytest.raises(ValueError, match=r"drop_rate=0\.3 \(saved: 0\.4\)"):
+        ldbfx.LayerDropBack(gm, None, drop_rate=0.3, period=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="candidates="):
+        ldbfx.LayerDropBack(gm, None, drop_rate=0.4, period=1, layers=["10", "11"]).load_state_dict(state)
+    ldbfx.LayerDropBack(gm, None, drop_rate=0.4, period=1, seed=1).load_state_dict(state)  # the seed may differ
+    state = ldbfx.ChannelDropBack(gm, opt, seed=0).state_dict()
+    with pytest.raises(ValueError, match=r"skip_first=2 \(saved: 4\)"):
+        ldbfx.ChannelDropBack(gm, opt, skip_first=2, seed=0).load_state_dict(state)
+
+
+def test_one_policy_scales_an_optimizer_and_a_failed_step_leaves_no_scaled_rate():
+    # A second policy on the same optimizer (a notebook cell run again) compounded the scaling:
+    # the rate grew by kappa at every step. A step that raised left it scaled for good.
+    _, gm, opt = make(24)
+    policy = ldbfx.LayerDropBack(gm, opt, drop_rate=0.5, period=1, kappa=2)
+    with pytest.raises(ValueError, match="remove"):
+        ldbfx.LayerDropBack(gm, opt)
+    policy.start_epoch(0)
+    policy.end_epoch()
+    policy.start_epoch(1)  # a DROP epoch: the rate is doubled while the optimizer steps
+    seen = []
+    hook = opt.register_step_pre_hook(lambda o, *_: seen.append(o.param_groups[0]["lr"]))
+
+    def explode(o, *_):
+        raise RuntimeError("out of memory")
+
+    failing = opt.register_step_pre_hook(explode)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    failing.remove()
+    opt.step()
+    assert seen == [0.2, 0.2] and opt.param_groups[0]["lr"] == 0.1  # before: [0.2, 0.4], then 0.2
+    hook.remove()
+    policy.remove()
+    ldbfx.LayerDropBack(gm, opt)  # once removed, another may scale it

@@ -226,3 +226,11 @@ def test_freeze_units_never_reinstates():
         policy.freeze_units(1)
     with pytest.raises(ValueError, match="last scored layer always trains"):
         policy.freeze_units(6)
+
+
+def test_a_state_saved_with_other_settings_is_refused():
+    model, gm = mlp(6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ldbfx.LearnAndDrop(gm, opt, warmup_epochs=1).state_dict()
+    with pytest.raises(ValueError, match=r"warmup_epochs=2 \(saved: 1\)"):
+        ldbfx.LearnAndDrop(gm, opt, warmup_epochs=2).load_state_dict(state)

@@ -32,6 +32,7 @@ import torch
 
 from ..layers import layers as _layers
 from ..mask import _ROW_KINDS, _row_params, set_frozen_rows
+from .ldb import check_saved_settings
 
 __all__ = ["ChannelDropBack", "channel_rate_at"]
 
@@ -216,11 +217,16 @@ class ChannelDropBack:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "rate": self.rate, "generator": self._generator.get_state(),
                 "counts": dict(self._counts), "frozen": {p: r.tolist() for p, r in self._frozen.items()},
-                "config": {"layer_rate": self.layer_rate, "channel_rate": self.channel_rate,
-                           "schedule": self.schedule, "milestones": self.milestones, "dim": self.dim,
-                           "skip_first": self.skip_first, "selection": self.selection, "seed": self.seed}}
+                "config": self._settings()}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"layer_rate": self.layer_rate, "channel_rate": self.channel_rate,
+                "schedule": self.schedule, "milestones": self.milestones, "dim": self.dim,
+                "skip_first": self.skip_first, "selection": self.selection, "seed": self.seed,
+                "exact": self.exact, "rescale": self.rescale, "candidates": [l.name for l in self._records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_saved_settings("ChannelDropBack", state["config"], self._settings())
         self.epoch, self.rate = state["epoch"], state["rate"]
         self._generator.set_state(state["generator"])
         self._counts = dict(state["counts"])

@@ -28,7 +28,7 @@ import torch
 
 from ..branches import branches as _branches
 from ..branches import set_dropped_branches
-from .ldb import draw_dropped, restrict_to
+from .ldb import check_saved_settings, draw_dropped, restrict_to
 
 __all__ = ["DropBP", "allocate_rates"]
 
@@ -275,8 +275,9 @@ class DropBP:
         if state["config"]["candidates"] != names:
             raise ValueError("this DropBP state was saved for other branches "
                              f"({state['config']['candidates']}) than this policy's ({names})")
+        check_saved_settings("DropBP", state["config"],
+                             {"drop_rate": self.drop_rate, "max_rate": self.max_rate, "step": self.step_size})
         self.epoch = state["epoch"]
-        self.drop_rate = state["config"]["drop_rate"]  # the saved run's settings, with its rates
         self._rates = torch.tensor(state["rates"], dtype=torch.float32)
         self.allocation, self.sensitivity, self.flops = state["allocation"], state["sensitivity"], state["flops"]
         self._generator.set_state(state["generator"])

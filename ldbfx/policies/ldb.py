@@ -21,6 +21,7 @@ exactly what the scheduler alone would give.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,6 +55,25 @@ def restrict_to(eligible: dict[str, Any], names: Iterable[str] | None, what: str
     if unknown:
         raise ValueError(f"not eligible {what}: {unknown}; eligible are: {', '.join(eligible) or '(none)'}")
     return {n: eligible[n] for n in names}
+
+
+def check_saved_settings(policy: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raises ``ValueError`` if a policy state was saved with settings other than ``now``'s: it
+    would resume silently under the new ones (another drop rate on the old draws, saved rows on
+    other layers). ``seed`` may differ (the saved generator replaces it); keys a state from an
+    older version lacks are not compared."""
+    def plain(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    differ = [f"{key}={now[key]!r} (saved: {saved[key]!r})" for key in now
+              if key != "seed" and key in saved and plain(saved[key]) != plain(now[key])]
+    if differ:
+        raise ValueError(f"this {policy} state was saved with other settings: {', '.join(differ)}; "
+                         "build the policy with the saved settings to resume it")
+
+
+# optimizer -> the LayerDropBack scaling its learning rate (one at a time: two would compound)
+_SCALING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LayerDropBack:
@@ -133,11 +153,19 @@ class LayerDropBack:
         self._saved_lrs: list[Any] | None = None
         self._hooks = []
         if optimizer is not None:
+            other = _SCALING.get(optimizer)
+            if other is not None and other() is not None and other()._hooks:
+                raise ValueError(
+                    "another LayerDropBack already scales this optimizer's learning rate (its hooks "
+                    "are registered): call its remove() first; two would compound the scaling")
+            _SCALING[optimizer] = weakref.ref(self)
             self._hooks = [optimizer.register_step_pre_hook(self._scale_lr),
                            optimizer.register_step_post_hook(self._restore_lr)]
 
     # -- learning rate: scaled only while optimizer.step() runs ----------------------------------
     def _scale_lr(self, optimizer, args, kwargs) -> None:
+        if self._saved_lrs is not None:  # the last step raised before the post-hook: undo it
+            self._restore_lr(optimizer, args, kwargs)
         if self.dropping and self.lr_factor != 1.0:
             self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
             for group in optimizer.param_groups:
@@ -211,11 +239,16 @@ class LayerDropBack:
             "dropped": list(self._dropped),
             "generator": self._generator.get_state(),
             "counts": dict(self._counts),
-            "config": {"drop_rate": self.drop_rate, "period": self.period, "kappa": self.kappa,
-                       "lr_factor": self.lr_factor, "resample": self.resample, "seed": self.seed},
+            "config": self._settings(),
         }
 
+    def _settings(self) -> dict[str, Any]:
+        return {"drop_rate": self.drop_rate, "period": self.period, "kappa": self.kappa,
+                "lr_factor": self.lr_factor, "resample": self.resample, "seed": self.seed,
+                "candidates": [self._names[i] for i in self._candidates]}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_saved_settings("LayerDropBack", state["config"], self._settings())
         self.epoch, self.dropping = state["epoch"], state["dropping"]
         self._generator.set_state(state["generator"])
         self._counts = dict(state["counts"])

@@ -52,6 +52,7 @@ from ..errors import LdbfxError
 from ..layers import layers as _layers
 from ..mask import _ROW_KINDS, _refuse_sharded
 from ..module import MASK_ATTR
+from .ldb import check_saved_settings
 
 __all__ = ["LearnAndDrop", "layer_change_scores", "standardize", "drop_count"]
 
@@ -370,6 +371,7 @@ class LearnAndDrop:
                 "abs": [t.clone() for t in self._abs], "warmup_epochs": self.warmup_epochs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_saved_settings("LearnAndDrop", state, {"warmup_epochs": self.warmup_epochs})
         self.epoch = state["epoch"]
         self._stored, self.history = list(state["stored"]), list(state["history"])
         if state["frozen_units"]:
