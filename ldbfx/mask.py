@@ -190,12 +190,14 @@ def _frozen_slices(state: LdbState):
 
 
 def _save_frozen_rows(optimizer, args, kwargs) -> None:
-    # Saving and restoring the frozen slices makes the update rule exact for any optimizer:
-    # weight decay, momentum and Adam's moments leave them bit-for-bit unchanged.
+    # Saving and restoring the frozen slices makes the update rule exact for any optimizer whose
+    # state is per element: weight decay, momentum and Adam's moments leave them bit-for-bit
+    # unchanged.
     saved = []
-    for state in [s for s in _state._ACTIVE if s.rows and s.rows_exact]:
-        for param, dim, frozen in _frozen_slices(state):
+    for model_state in [s for s in _state._ACTIVE if s.rows and s.rows_exact]:
+        for param, dim, frozen in _frozen_slices(model_state):
             state = optimizer.state.get(param, {})
+            _refuse_unsliceable(optimizer, param, state)
             buffers = {k: v.index_select(dim, frozen) for k, v in state.items()
                        if isinstance(v, torch.Tensor) and v.shape == param.shape}
             saved.append((param, dim, frozen, param.detach().index_select(dim, frozen), buffers))
@@ -206,13 +208,29 @@ def _restore_frozen_rows(optimizer, args, kwargs) -> None:
     with torch.no_grad():
         for param, dim, frozen, values, buffers in _saved_rows.pop(optimizer, ()):
             param.index_copy_(dim, frozen, values)
-            for key, state in optimizer.state.get(param, {}).items():
-                if not (isinstance(state, torch.Tensor) and state.shape == param.shape):
+            state = optimizer.state.get(param, {})
+            _refuse_unsliceable(optimizer, param, state)  # state this step created
+            for key, value in state.items():
+                if not (isinstance(value, torch.Tensor) and value.shape == param.shape):
                     continue
                 if key in buffers:
-                    state.index_copy_(dim, frozen, buffers[key])
+                    value.index_copy_(dim, frozen, buffers[key])
                 else:  # created by this step: what it would hold had the rows never trained
-                    state.index_fill_(dim, frozen, 0)
+                    value.index_fill_(dim, frozen, 0)
+
+
+def _refuse_unsliceable(optimizer, param, state: dict) -> None:
+    """Exact mode keeps the frozen slices of state shaped like the parameter. State of another
+    shape with more than one element (Adafactor's row and column statistics, 8-bit Adam's block
+    scales) mixes frozen and trained slices: it cannot be kept, and must not change silently."""
+    other = [f"{key} {tuple(value.shape)}" for key, value in state.items()
+             if isinstance(value, torch.Tensor) and value.numel() > 1 and value.shape != param.shape]
+    if other:
+        raise LdbfxError(
+            f"ChannelDropBack's exact mode cannot keep frozen slices of {type(optimizer).__name__}'s "
+            f"state {', '.join(other)} for a parameter of shape {tuple(param.shape)}: it is not per "
+            "element. Use exact=False (frozen slices get a zero gradient; the optimizer may still "
+            "move them) or an optimizer with per-element state")
 
 
 def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:

@@ -121,6 +121,21 @@ def test_state_created_during_a_frozen_step_is_zero_there():
     assert opt.state[model[6].weight]["momentum_buffer"][3].abs().max() == 0
 
 
+def test_exact_mode_refuses_optimizer_state_that_is_not_per_element():
+    # Adafactor keeps a statistic per row and per column of a matrix: the frozen rows' zero
+    # gradients enter the column statistic, which exact mode cannot keep. Before, it changed
+    # silently; now the step says so, and exact=False runs.
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    gm = ldbfx.transform(model, keep_first=0, keep_last=0)
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.01)
+    ldbfx.set_frozen_rows(gm, {"2": [3]})
+    gm(torch.randn(4, 16)).sum().backward()
+    with pytest.raises(ldbfx.LdbfxError, match=r"Adafactor's state .*col_var.* exact=False"):
+        opt.step()
+    ldbfx.set_frozen_rows(gm, {"2": [3]}, exact=False)
+    opt.step()
+
+
 def test_inexact_mode_lets_weight_decay_move_frozen_rows():
     model = cnn()
     gm = ldbfx.transform(model, keep_first=0, keep_last=0)
