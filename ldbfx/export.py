@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .handlers import has_hooks
+from .module import AUTOCAST_ATTR, autocast_state
 from .trace import TracedModel, _refuse_global_hooks
 
 __all__ = ["export_model", "auto_dynamic_shapes"]
@@ -199,4 +200,6 @@ def export_model(
         owned[attr] = getattr(train, attr)
     constants = {k: v for k, v in owned.items() if isinstance(v, torch.Tensor)}
     attributes = {k: v for k, v in owned.items() if not isinstance(v, torch.Tensor)}
+    # The graph fixes the dtypes it saw: the forward refuses to run under another autocast.
+    attributes[AUTOCAST_ATTR] = autocast_state()
     return TracedModel(train.graph, None if same else evaluation.graph, constants, attributes)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from .errors import LdbfxError
 from .state import LdbState
 
 if TYPE_CHECKING:
@@ -153,6 +154,9 @@ class LdbGraphModule(fx.GraphModule):
                     raise _cuda_graph_capture_error()
                 if torch.is_grad_enabled():  # eager ops read the mask now
                     state.record_forward()
+                captured = self.__dict__.get(AUTOCAST_ATTR)  # torch.export graphs only
+                if captured is not None and captured != autocast_state():
+                    raise _autocast_error(captured)
             if self.training:
                 return train_forward(self, *args, **kwargs)
             return eval_forward(self, *args, **kwargs)
@@ -188,6 +192,27 @@ class LdbGraphModule(fx.GraphModule):
             "gm.state_dict() instead: its keys are the original model's, so it loads into the "
             "untransformed architecture for inference"
         )
+
+
+AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
+
+
+def autocast_state() -> tuple:
+    """The autocast dtype in effect on the CPU and on CUDA (``None`` where off)."""
+    return tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cpu", "cuda"))
+
+
+def _autocast_error(captured: tuple) -> LdbfxError:
+    def say(state):
+        on = [f"{device} {str(dtype).removeprefix('torch.')}" for device, dtype in zip(("cpu", "cuda"), state) if dtype]
+        return f"autocast ({', '.join(on)})" if on else "no autocast"
+
+    return LdbfxError(
+        f"this graph was captured by torch.export under {say(captured)} and now runs under "
+        f"{say(autocast_state())}: an exported graph fixes the dtypes it saw, so it would fail on "
+        "(or compute in) other ones. Capture under the autocast you train with: "
+        "with torch.autocast(device, dtype): gm = ldbfx.transform(model, example_kwargs=batch) "
+        "(for Hugging Face's Trainer(bf16=True) too)")
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

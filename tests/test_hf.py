@@ -442,6 +442,35 @@ def test_changes_the_graph_would_not_follow_are_refused(tmp_path):
         trainer.train()
 
 
+def test_autocast_needs_a_capture_under_the_same_autocast():
+    # An exported graph fixes the dtypes it saw: captured without autocast, it failed under one
+    # with torch.export's "Tensor dtype mismatch". It now says what to do, and a graph captured
+    # under bf16 autocast trains like the model does under it.
+    def run(model, autocast):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(**tokens())[0].backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    torch.manual_seed(0)
+    want = run(llama(layers=2), True)
+    torch.manual_seed(0)
+    model = llama(layers=2)
+    ldbfx.install(model, ldbfx.transform(model, example_kwargs=tokens()))
+    with pytest.raises(ldbfx.LdbfxError, match=r"captured by torch.export under no autocast and now runs "
+                                               r"under autocast \(cpu bfloat16\)"):
+        run(model, True)
+    ldbfx.uninstall(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ldbfx.install(model, ldbfx.transform(model, example_kwargs=tokens()))
+    got = run(model, True)
+    for name, grad in got.items():
+        # bf16 keeps 8 bits of mantissa: the graph's kernels may round differently from eager's
+        assert (grad.float() - want[name].float()).abs().max() <= 3e-2 * want[name].float().abs().max() + 1e-3, name
+    with pytest.raises(ldbfx.LdbfxError, match="now runs under no autocast"):
+        run(model, False)
+
+
 def test_trainer_callback_discards_the_record_of_a_skipped_step():
     # Under fp16, accelerate's optimizer reports a step GradScaler skipped (inf/NaN): the
     # callback must then forget what that backward skipped, else the next step leaves those
