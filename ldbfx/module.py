@@ -180,10 +180,13 @@ class LdbGraphModule(fx.GraphModule):
         memo[id(self.__dict__[MASK_ATTR])] = state.mask
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
         result.graph = result._graph  # re-owns the graph and regenerates forward
-        # The copy's modules are new objects: its capture record names them (the config's
-        # values are copied as they are).
-        result.__dict__["_ldbfx_captured"] = {**_captured(result),
-                                              "config": self.__dict__["_ldbfx_captured"]["config"]}
+        # The copy's modules are new objects: its capture record names them, under the names
+        # the original's had (gm's own modules, torch.export's guard, were never the model's);
+        # the config's values are copied as they are.
+        then, now = self.__dict__["_ldbfx_captured"], _captured(result)
+        result.__dict__["_ldbfx_captured"] = {
+            **{key: {n: v for n, v in now[key].items() if n in then[key]} for key in ("modules", "parameters", "hooks")},
+            "config": then["config"]}
         return result
 
     def __reduce__(self):
@@ -215,6 +218,8 @@ def _autocast_error(captured: tuple) -> LdbfxError:
         "(for Hugging Face's Trainer(bf16=True) too)")
 
 
+# Config entries save_pretrained and from_pretrained write, which no forward reads.
+_CONFIG_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash"}
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -233,9 +238,8 @@ def _captured(model: nn.Module) -> dict:
 def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     """How ``model`` changed since ``gm`` was captured from it, in ways the graph would silently
     not follow: modules or parameters replaced, modules added (``resize_token_embeddings``, PEFT
-    adapters), hooks
-    added to a module that had none (Trainer's NEFTune), config values changed (Trainer's pad
-    token alignment). Empty when nothing did. O(modules): for :func:`ldbfx.install` and the
+    adapters), hooks added to a module that had none (Trainer's NEFTune), config values changed
+    (Trainer's pad token alignment). Empty when nothing did. O(modules): for :func:`ldbfx.install` and the
     Trainer callback, not for every step."""
     then, now = gm.__dict__["_ldbfx_captured"], _captured(model)
     replaced = [n for n, i in then["modules"].items() if now["modules"].get(n, i) != i]
@@ -245,7 +249,7 @@ def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     hooked = [n for n, hooks in now["hooks"].items()
               if n in then["hooks"] and not any(then["hooks"][n]) and any(hooks)]
     config = sorted(k for k in set(then["config"] or {}) | set(now["config"] or {})
-                    if (then["config"] or {}).get(k) != (now["config"] or {}).get(k))
+                    if k not in _CONFIG_METADATA and (then["config"] or {}).get(k) != (now["config"] or {}).get(k))
     found = []
     for what, names in (("modules replaced", replaced), ("modules removed", removed),
                         ("modules added", added), ("parameters replaced or resized", swapped)):

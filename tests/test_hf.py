@@ -288,6 +288,12 @@ def test_install_trains_through_the_graph_and_keeps_the_model(tmp_path):
     copied = copy.deepcopy(model)  # routes to a copy of the graph over the copy's own modules
     assert ldbfx.installed(copied) is not gm
     assert ldbfx.installed(copied).get_parameter("lm_head.weight") is copied.lm_head.weight
+    from ldbfx.install import check_unchanged
+
+    # save_pretrained wrote config metadata (architectures, dtype), which changes no forward;
+    # the copy has its own capture record, without the graph's own modules
+    check_unchanged(model, gm)
+    check_unchanged(copied, ldbfx.installed(copied))
     ldbfx.uninstall(model)
     assert ldbfx.installed(model) is None and "forward" not in model.__dict__
 
