@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import LdbfxError
-from .module import LdbGraphModule, changes_since_capture
+from .module import LdbGraphModule, captured_from, changes_since_capture
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -130,8 +130,8 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         raise TypeError(f"install expects the module returned by ldbfx.transform, got {type(gm).__name__}")
     if installed(model) is not None:
         raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
-    if set(gm.__dict__["_ldbfx_captured"]["modules"].values()) & {id(m) for m in model.modules()}:
-        check_unchanged(model, gm)  # captured from this model: say what changed since
+    if captured_from(gm, model):
+        check_unchanged(model, gm)  # say what changed since, before "another model's graph"
     mine = dict(model.named_parameters())
     if any(mine.get(name) is not p for name, p in gm.named_parameters()):
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "

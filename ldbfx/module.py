@@ -235,6 +235,12 @@ def _captured(model: nn.Module) -> dict:
             "config": copy.deepcopy(config.to_dict()) if callable(getattr(config, "to_dict", None)) else None}
 
 
+def captured_from(gm: LdbGraphModule, model: nn.Module) -> bool:
+    """Whether ``gm`` was captured from ``model`` (they share a module object), changed since or not."""
+    captured = set(gm.__dict__["_ldbfx_captured"]["modules"].values())
+    return any(id(m) in captured for m in model.modules())
+
+
 def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     """How ``model`` changed since ``gm`` was captured from it, in ways the graph would silently
     not follow: modules or parameters replaced, modules added (``resize_token_embeddings``, PEFT

@@ -185,8 +185,9 @@ class LdbState:
             # between the read and the clear, and that skip must stay for the next merge.
             indices = record.nonzero()[0]
             record[indices] = False
-            self._skipped.update(indices.tolist())
-            self._forget_cleared(indices.tolist())
+            skipped = indices.tolist()
+            self._skipped.update(skipped)
+            self._forget_cleared(skipped)
             _ACTIVE.add(self)
 
     def record_skipped(self, index: int) -> None:
