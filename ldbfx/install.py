@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import LdbfxError
-from .module import LdbGraphModule, captured_from, changes_since_capture
+from .module import MODES_UNCHECKED, LdbGraphModule, captured_from, changes_since_capture
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -63,7 +63,9 @@ class _RoutedForward:
                 "ldbfx.uninstall(model)") from None
         # gm is its own root module: model.train()/eval() set the shared children's flags but
         # not gm's, which picks the train or eval graph. Follow the model's mode.
-        self.gm.training = self.model.training
+        if self.gm.training != self.model.training:
+            self.gm.training = self.model.training
+            self.gm.__dict__[MODES_UNCHECKED] = True  # the model's children changed mode too
         return self.gm(*args, **kwargs)
 
     def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules

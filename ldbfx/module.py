@@ -119,6 +119,10 @@ class LdbGraphModule(fx.GraphModule):
         self.ldbfx_config = config
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
+        # The model's own modules (gm adds torch.export's guard module): an exported graph runs
+        # each of them in the mode it was captured in, which MODES_UNCHECKED makes the next call check.
+        self.__dict__["_ldbfx_model_modules"] = tuple(m for name, m in model.named_modules() if name)
+        self.__dict__[MODES_UNCHECKED] = True
         self.__dict__["_ldbfx_captured"] = _captured(model)  # what changes_since_capture compares
 
     def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
@@ -131,6 +135,7 @@ class LdbGraphModule(fx.GraphModule):
         super().train(mode)
         for module in self.__dict__.get("_ldbfx_pinned_eval", ()):
             module.train(False)
+        self.__dict__[MODES_UNCHECKED] = True
         return self
 
     def recompile(self):
@@ -155,8 +160,14 @@ class LdbGraphModule(fx.GraphModule):
                 if torch.is_grad_enabled():  # eager ops read the mask now
                     state.record_forward()
                 captured = self.__dict__.get(AUTOCAST_ATTR)  # torch.export graphs only
-                if captured is not None and captured != autocast_state():
-                    raise _autocast_error(captured)
+                if captured is not None:
+                    if captured != autocast_state():
+                        raise _autocast_error(captured)
+                    if self.__dict__[MODES_UNCHECKED]:  # set by train()/eval(): not per step
+                        check_modes(self)
+                        self.__dict__[MODES_UNCHECKED] = False
+            elif AUTOCAST_ATTR in self.__dict__:
+                check_modes(self)  # traced: Dynamo guards on the modes it read, and retraces
             if self.training:
                 return train_forward(self, *args, **kwargs)
             return eval_forward(self, *args, **kwargs)
@@ -198,6 +209,29 @@ class LdbGraphModule(fx.GraphModule):
 
 
 AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
+MODES_UNCHECKED = "_ldbfx_modes_unchecked"  # an exported graph checks its modules' modes next call
+
+
+def check_modes(gm: LdbGraphModule) -> None:
+    """Refuses to run an exported graph while some of the model's modules are in another
+    train/eval mode than the whole: torch.export baked one mode into every module's code (dropout
+    on, BatchNorm on batch statistics), so a module put in eval mode alone would silently still
+    train. Costs a pass over the modules, so eager calls run it after a mode change, not every
+    step; a compiled call runs it while tracing, and Dynamo's guards on the modes retrace."""
+    mode = gm.training
+    odd = [m for m in gm.__dict__["_ldbfx_model_modules"] if m.training != mode]
+    if odd:
+        names = {id(m): name for name, m in gm.named_modules()}
+        listed = ", ".join(repr(names.get(id(m), type(m).__name__)) for m in odd[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        raise LdbfxError(
+            f"module(s) {listed}{more} are in {'eval' if mode else 'train'} mode while the model "
+            f"is in {'train' if mode else 'eval'} mode, but this graph was captured by "
+            f"torch.export, which bakes the whole model's mode into every module (dropout, "
+            f"BatchNorm statistics): they would silently run in {'train' if mode else 'eval'} "
+            "mode. Put the whole model in one mode (model.train() or model.eval()). To keep part "
+            "of a model in eval mode while training (frozen BatchNorm statistics), transform it "
+            "with the FX front end (no example batch), which reads each module's mode as it runs")
 
 
 def autocast_state() -> tuple:

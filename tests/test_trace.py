@@ -118,6 +118,43 @@ def test_mixed_submodule_modes_are_kept():
     assert gm.training and not gm.get_submodule("1").training
 
 
+def test_exported_graphs_refuse_a_module_in_another_mode():
+    # torch.export bakes the whole model's mode into every module, so a BatchNorm put in eval mode
+    # alone (frozen statistics) silently kept training them; FX reads the mode as it runs (above).
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    gm = ldbfx.transform(model, example_args=(x,), keep_first=0)
+    gm(x)
+    gm.train()
+    model[1].eval()
+    stats = model[1].running_mean.clone()
+    with pytest.raises(ldbfx.LdbfxError, match=r"module\(s\) '1' are in eval mode while the model is in "
+                                               r"train mode.*transform it with the FX front end"):
+        gm(x)
+    assert torch.equal(model[1].running_mean, stats)  # refused before the graph ran
+    gm.eval()
+    model[1].train()  # MC dropout's pattern: the eval graph would silently run it in eval mode
+    with pytest.raises(ldbfx.LdbfxError, match=r"'1' are in train mode while the model is in eval mode"):
+        gm(x)
+    gm.eval()
+    gm(x)  # one mode again
+    # Installed, the model's own train() switches the graph, and the check follows it.
+    ldbfx.install(model, gm)
+    model.train()
+    model[1].eval()
+    with pytest.raises(ldbfx.LdbfxError, match="'1' are in eval mode"):
+        model(x)
+    ldbfx.uninstall(model)
+    # Compiled, the check runs while Dynamo traces: its guards on the modes retrace after a change,
+    # even one made without gm.train().
+    gm.train()
+    compiled = torch.compile(gm, backend="eager")
+    compiled(x).sum().backward()
+    model[1].eval()
+    with pytest.raises(ldbfx.LdbfxError, match="'1' are in eval mode"):
+        compiled(x)
+
+
 class _OptionalMask(nn.Module):
     """Hiera's pattern (timm ``hiera_tiny_224``): an optional tensor argument dereferenced
     behind ``if mask is not None``, which tracing with a proxy always enters."""
