@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
@@ -70,6 +71,13 @@ class LdbCallback(TrainerCallback):
                 "LdbCallback; without it every layer would silently get its full backward")
         if model is not None:
             check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
+            if getattr(args, "gradient_accumulation_steps", 1) > 1 and getattr(model.forward, "drops_loss_kwargs", False):
+                warnings.warn(
+                    "the graph takes no num_items_in_batch, so with gradient accumulation Trainer "
+                    "averages the loss per micro-batch instead of per token over the accumulated "
+                    "batch, unlike a plain run of this model. To match it, capture with "
+                    "num_items_in_batch in the example batch: ldbfx.transform(model, example_kwargs="
+                    "{**batch, 'num_items_in_batch': torch.tensor(1.0)})", UserWarning, stacklevel=2)
         # accelerate wraps the optimizer; policies hook the torch optimizer that steps.
         while optimizer is not None and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
             optimizer = getattr(optimizer, "optimizer", None)

@@ -39,13 +39,24 @@ class _RoutedForward:
         # What Hugging Face's Trainer reads to choose the dataset columns it keeps: the model's own
         # inputs, as without ldbfx. A column the example batch lacked (an attention_mask) then
         # reaches the call and is refused below, where the captured inputs alone would have made
-        # Trainer drop it silently. No **kwargs: Trainer passes no loss kwargs (num_items_in_batch).
+        # Trainer drop it silently. **kwargs is what makes Trainer pass num_items_in_batch (and
+        # leave the loss of an accumulated step to the model): kept only where the graph takes it.
         try:
             own = inspect.signature(original)
         except (TypeError, ValueError):  # no signature to read: the captured inputs
             own = self.inputs
+        self.takes_loss_kwargs = "num_items_in_batch" in self.inputs.parameters
+        # The count's dtype as captured: Trainer hands a float (its count divided by the number of
+        # devices sharing a batch), a loop may hand an int; the graph fixes one.
+        self.items_dtype = next((getattr(n.meta.get("val"), "dtype", None) for n in gm.graph.nodes
+                                 if n.op == "placeholder" and n.target == "num_items_in_batch"), None)
+        var_keyword = [p for p in own.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        #: Whether a plain Trainer would pass ``num_items_in_batch`` to this model and the graph
+        #: cannot take it (the loss of an accumulated step is then averaged per micro-batch).
+        self.drops_loss_kwargs = bool(var_keyword) and not self.takes_loss_kwargs and all(
+            getattr(target, "accepts_loss_kwargs", True) for target in _loss_kwargs_targets(model))
         self.__signature__ = own.replace(parameters=[
-            p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD])
+            p for p in own.parameters.values() if self.takes_loss_kwargs or p not in var_keyword])
         self.__name__ = self.__qualname__ = "forward"
         self.__doc__ = getattr(original, "__doc__", None)
 
@@ -63,6 +74,15 @@ class _RoutedForward:
                 "ldbfx.uninstall(model)") from None
         # gm is its own root module: model.train()/eval() set the shared children's flags but
         # not gm's, which picks the train or eval graph. Follow the model's mode.
+        items = kwargs.get("num_items_in_batch")
+        if items is not None and self.items_dtype is not None:
+            items = torch.as_tensor(items)
+            if items.is_floating_point() and not self.items_dtype.is_floating_point:
+                raise LdbfxError(
+                    f"num_items_in_batch arrived as {items.dtype}, but the graph was captured with "
+                    f"{self.items_dtype} and would truncate it: capture with a float count, "
+                    "example_kwargs={**batch, 'num_items_in_batch': torch.tensor(1.0)}")
+            kwargs["num_items_in_batch"] = items.to(self.items_dtype)
         if self.gm.training != self.model.training:
             self.gm.training = self.model.training
             self.gm.__dict__[MODES_UNCHECKED] = True  # the model's children changed mode too
@@ -101,8 +121,9 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     wrapper) trains through the rewritten graph while ``model`` stays the same object:
     ``save_pretrained``, ``generate`` and ``state_dict`` work as before. With gradients on, the
     call must pass exactly the example batch's inputs; without gradients, the original forward
-    runs (same values). Trainer no longer passes ``num_items_in_batch`` (the graph has no such
-    input), so with gradient accumulation it averages the loss per micro-batch.
+    runs (same values). Trainer passes ``num_items_in_batch`` (and leaves the loss of an
+    accumulated step to the model, normalised per token) only if the example batch had it, as a
+    0-d float tensor; otherwise it averages the loss per micro-batch (``LdbCallback`` warns).
     ``model.activation_checkpointing_enable()`` (and its old name,
     ``gradient_checkpointing_enable``) is refused while installed.
 
@@ -139,12 +160,12 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
     saved = {"forward": model.__dict__.get("forward")}
-    model.forward = _RoutedForward(gm, model.forward, model)
+    model.forward = routed = _RoutedForward(gm, model.forward, model)
     for name in _CHECKPOINTING:
         model.__dict__[name] = _refuse_checkpointing
-    for target in _loss_kwargs_targets(model):
+    for target in _loss_kwargs_targets(model):  # what Trainer reads before the signature
         saved.setdefault("accepts_loss_kwargs", []).append((target, target.__dict__.get("accepts_loss_kwargs")))
-        target.__dict__["accepts_loss_kwargs"] = False
+        target.__dict__["accepts_loss_kwargs"] = routed.takes_loss_kwargs
     model.__dict__["_ldbfx_installed"] = saved
     return model
 

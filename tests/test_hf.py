@@ -477,6 +477,52 @@ def test_autocast_needs_a_capture_under_the_same_autocast():
         run(model, False)
 
 
+def test_accumulated_loss_is_averaged_per_token_when_captured_with_num_items(tmp_path):
+    # With gradient accumulation a plain Trainer run hands the model num_items_in_batch, and the
+    # loss is averaged per token over the accumulated batch. The graph took no such input, so
+    # Trainer silently averaged per micro-batch: another gradient wherever micro-batches hold
+    # different numbers of label tokens. Captured with it, one accumulated step matches the plain
+    # run; captured without, it still differs, and the callback says so.
+    from ldbfx.hf import LdbCallback
+
+    rows = _dataset(8)
+    for i, row in enumerate(rows):
+        row["labels"][16 - 3 * i:] = -100  # 0 to 12 padded label tokens: unequal micro-batches
+
+    def step(capture):
+        torch.manual_seed(0)
+        model = llama(tied=False, layers=1)
+        callbacks = []
+        if capture is not None:
+            example = {k: v.clone() for k, v in torch.utils.data.default_collate(rows[:2]).items()}
+            gm = ldbfx.transform(model, example_kwargs={**example, **capture})
+            ldbfx.install(model, gm)
+            callbacks = [LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=2, kappa=1)]  # epoch 0: full
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+            report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+        transformers.Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks).train()
+        return {n: before[n] - p.detach() for n, p in model.named_parameters()}  # the gradient
+
+    want = step(None)
+    got = step({"num_items_in_batch": torch.tensor(1.0)})
+    for name, grad in want.items():
+        assert_close_to_scale(got[name], grad, what=name)  # the export's kernels vs eager's
+    with pytest.warns(UserWarning, match="averages the loss per micro-batch"):
+        old = step({})
+    name = "lm_head.weight"
+    differ = (old[name] - want[name]).abs().max() / want[name].abs().max()
+    assert differ > 1e-2, differ  # far outside the bound above: the normalisation differs
+    # A count captured as an integer would truncate Trainer's float count (divided per device).
+    model = llama(tied=False, layers=1)
+    example = torch.utils.data.default_collate(rows[:2])
+    ldbfx.install(model, ldbfx.transform(model, example_kwargs={**example, "num_items_in_batch": torch.tensor(3)}))
+    with pytest.raises(ldbfx.LdbfxError, match="would truncate it: capture with a float count"):
+        model(**example, num_items_in_batch=torch.tensor(2.5))
+
+
 def test_trainer_callback_discards_the_record_of_a_skipped_step():
     # Under fp16, accelerate's optimizer reports a step GradScaler skipped (inf/NaN): the
     # callback must then forget what that backward skipped, else the next step leaves those
