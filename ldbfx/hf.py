@@ -11,15 +11,20 @@ The callback builds the policy when training begins (the Trainer creates the opt
 ``train()``, and policies hook the optimizer), then calls its loop methods: ``start_epoch`` at
 each epoch begin, ``step`` after each optimizer step (so masks change only between optimizer
 steps, never between the micro-batches of one accumulated step), ``end_epoch`` at each epoch
-end, and ``remove`` when training ends.
+end, and ``remove`` when training ends. The policy's state travels in Trainer's checkpoints
+(``trainer_state.json``), so a resumed run draws what the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
+import base64
 import inspect
+import io
 import math
 import warnings
 from typing import Any
+
+import torch
 
 from transformers import TrainerCallback
 
@@ -62,6 +67,8 @@ class LdbCallback(TrainerCallback):
         self.gm, self.policy_class, self.policy_kwargs = gm, policy, policy_kwargs
         self.policy = None
         self._epoch = 0
+        self._in_epoch = False  # between on_epoch_begin and on_epoch_end
+        self._resumed_in_epoch = False  # the loaded state already began the current epoch
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None and installed(model) is not self.gm:
@@ -83,8 +90,15 @@ class LdbCallback(TrainerCallback):
             optimizer = getattr(optimizer, "optimizer", None)
         self.policy = self.policy_class(self.gm, optimizer, **self.policy_kwargs)
         self._epoch = math.floor((state.epoch or 0.0) + 1e-6)  # resumed runs start later
+        self._resumed_in_epoch = False
+        if state.global_step > 0:
+            self._resume(state)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        self._in_epoch = True
+        if self._resumed_in_epoch:  # resumed mid-epoch: the loaded state holds this epoch's draws
+            self._resumed_in_epoch = False
+            return
         self.policy.start_epoch(self._epoch)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -93,15 +107,57 @@ class LdbCallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):
             discard_skipped(self.gm)
         self.policy.step()
+        if control.should_save:  # Trainer writes the checkpoint right after the callbacks
+            self._remember(state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.policy.end_epoch()
         self._epoch += 1
+        self._in_epoch = False
+        if control.should_save:
+            self._remember(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.policy is not None:  # training: save_strategy="best" decides after evaluating
+            self._remember(state)
+
+    def _remember(self, state) -> None:
+        """Puts the policy's state where Trainer's next checkpoint saves it: ``trainer_state.json``
+        keeps every entry of ``stateful_callbacks`` (JSON, so the state goes in as base64)."""
+        buffer = io.BytesIO()
+        torch.save(self.policy.state_dict(), buffer)
+        state.stateful_callbacks[STATE_KEY] = {
+            "policy": self.policy_class.__name__, "epoch": self._epoch, "in_epoch": self._in_epoch,
+            "state": base64.b64encode(buffer.getvalue()).decode("ascii")}
+
+    def _resume(self, state) -> None:
+        saved = (state.stateful_callbacks or {}).get(STATE_KEY)
+        if saved is None:
+            warnings.warn(
+                f"Trainer resumed at step {state.global_step} from a checkpoint without LdbCallback's "
+                f"state (saved by ldbfx before it kept one, or by a run without the callback): "
+                f"{self.policy_class.__name__} draws afresh from epoch {self._epoch} on, not what "
+                "the uninterrupted run would have drawn", UserWarning, stacklevel=3)
+            return
+        if saved["policy"] != self.policy_class.__name__:
+            raise LdbfxError(f"the checkpoint holds a {saved['policy']} policy's state, and this run "
+                             f"asks for {self.policy_class.__name__}: resume with the same policy")
+        self.policy.load_state_dict(torch.load(io.BytesIO(base64.b64decode(saved["state"])), weights_only=True))
+        if saved["in_epoch"] and saved["epoch"] == self._epoch:
+            self._resumed_in_epoch = True
+        elif saved["in_epoch"]:  # saved after an epoch's last step; Trainer does not replay its end
+            self.policy.end_epoch()
 
     def on_train_end(self, args, state, control, **kwargs):
         remove = getattr(self.policy, "remove", None)
         if callable(remove):
             remove()
+
+
+#: The key of LdbCallback's entry in ``TrainerState.stateful_callbacks``. Not the class name:
+#: Trainer's ``restore_callback_states_from_checkpoint`` rebuilds callbacks under their class
+#: name from saved constructor arguments, which a graph and a policy class are not.
+STATE_KEY = "ldbfx.LdbCallback"
 
 
 def _default(cls: type, name: str, fallback: Any) -> Any:

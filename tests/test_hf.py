@@ -337,8 +337,8 @@ def _dataset(n=48, length=16):
 def _trainer(model, callbacks, out, epochs=3, **options):
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=epochs,
-        learning_rate=3e-3, logging_steps=6, report_to=[], use_cpu=True, save_strategy="no",
-        disable_tqdm=True, seed=0, **options)
+        learning_rate=3e-3, logging_steps=6, report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0, **{"save_strategy": "no", **options})
     return transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
 
 
@@ -376,6 +376,42 @@ def test_trainer_callback_runs_layer_dropback(tmp_path):
     assert stats["steps_full"] == 6 and stats["steps_drop"] == 12  # epoch 0 full, 1 and 2 DROP
     assert 0.3 < stats["actual_drop_rate"] < 0.7 and checker.checked > 0
     assert ldbfx.dropped(gm) == ()  # training ended: full backprop restored
+
+
+class _DrawRecorder(transformers.TrainerCallback):
+    def __init__(self, ldb_callback):
+        self.ldb, self.draws = ldb_callback, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.draws[state.global_step + 1] = self.ldb.policy.dropped_indices
+
+
+def test_trainer_resume_continues_the_policys_draws(tmp_path):
+    # LdbCallback kept no state in Trainer's checkpoints: a resumed run drew afresh, other layers
+    # than the uninterrupted run. Its state now travels in trainer_state.json.
+    from ldbfx.hf import STATE_KEY, LdbCallback
+
+    def run(out, resume=None, **options):
+        torch.manual_seed(0)
+        model = llama()
+        gm = ldbfx.transform(model, example_kwargs=torch.utils.data.default_collate(_dataset()[:2]))
+        ldbfx.install(model, gm)
+        callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=1, kappa=1)
+        recorder = _DrawRecorder(callback)
+        _trainer(model, [callback, recorder], out, **options).train(resume_from_checkpoint=resume)
+        return recorder.draws
+
+    # 6 steps per epoch; epoch 0 full, 1 and 2 DROP (one draw per step)
+    want = run(tmp_path, save_strategy="steps", save_steps=3)
+    assert len(set(want.values())) > 5
+    for step in (9, 6):  # mid-epoch 1; the end of epoch 0, whose on_epoch_end Trainer does not replay
+        got = run(tmp_path / "again", resume=str(tmp_path / f"checkpoint-{step}"))
+        assert got == {s: d for s, d in want.items() if s > step}, step
+    # A checkpoint without the state (an older ldbfx): resumed, with a warning.
+    saved = tmp_path / "checkpoint-15" / "trainer_state.json"
+    saved.write_text(saved.read_text().replace(STATE_KEY, "removed"))
+    with pytest.warns(UserWarning, match="without LdbCallback's state"):
+        run(tmp_path / "again", resume=str(tmp_path / "checkpoint-15"))
 
 
 def test_trainer_callback_runs_channel_dropback(tmp_path):
