@@ -25,7 +25,6 @@ import warnings
 from typing import Any
 
 import torch
-
 from transformers import TrainerCallback
 
 from .errors import LdbfxError
@@ -78,7 +77,8 @@ class LdbCallback(TrainerCallback):
                 "LdbCallback; without it every layer would silently get its full backward")
         if model is not None:
             check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
-            if getattr(args, "gradient_accumulation_steps", 1) > 1 and getattr(model.forward, "drops_loss_kwargs", False):
+            accumulating = getattr(args, "gradient_accumulation_steps", 1) > 1
+            if accumulating and getattr(model.forward, "drops_loss_kwargs", False):
                 warnings.warn(
                     "the graph takes no num_items_in_batch, so with gradient accumulation Trainer "
                     "averages the loss per micro-batch instead of per token over the accumulated "
@@ -107,14 +107,14 @@ class LdbCallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):
             discard_skipped(self.gm)
         self.policy.step()
-        if control.should_save:  # Trainer writes the checkpoint right after the callbacks
+        if getattr(control, "should_save", False):  # Trainer writes the checkpoint right after us
             self._remember(state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.policy.end_epoch()
         self._epoch += 1
         self._in_epoch = False
-        if control.should_save:
+        if getattr(control, "should_save", False):
             self._remember(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -127,15 +127,18 @@ class LdbCallback(TrainerCallback):
         buffer = io.BytesIO()
         torch.save(self.policy.state_dict(), buffer)
         state.stateful_callbacks[STATE_KEY] = {
-            "policy": self.policy_class.__name__, "epoch": self._epoch, "in_epoch": self._in_epoch,
-            "state": base64.b64encode(buffer.getvalue()).decode("ascii")}
+            "policy": self.policy_class.__name__, "step": state.global_step, "epoch": self._epoch,
+            "in_epoch": self._in_epoch, "state": base64.b64encode(buffer.getvalue()).decode("ascii")}
 
     def _resume(self, state) -> None:
         saved = (state.stateful_callbacks or {}).get(STATE_KEY)
-        if saved is None:
+        if saved is None or saved["step"] != state.global_step:
+            why = ("without LdbCallback's state (saved by ldbfx before it kept one, or by a run "
+                   "without the callback)" if saved is None else
+                   f"whose LdbCallback state is from step {saved['step']} (a callback after it asked "
+                   "Trainer to save)")
             warnings.warn(
-                f"Trainer resumed at step {state.global_step} from a checkpoint without LdbCallback's "
-                f"state (saved by ldbfx before it kept one, or by a run without the callback): "
+                f"Trainer resumed at step {state.global_step} from a checkpoint {why}: "
                 f"{self.policy_class.__name__} draws afresh from epoch {self._epoch} on, not what "
                 "the uninterrupted run would have drawn", UserWarning, stacklevel=3)
             return

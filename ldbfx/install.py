@@ -72,8 +72,6 @@ class _RoutedForward:
                 f"inputs of the example batch given to ldbfx.transform: {self.inputs}. "
                 "Transform again with an example batch that has these inputs, or "
                 "ldbfx.uninstall(model)") from None
-        # gm is its own root module: model.train()/eval() set the shared children's flags but
-        # not gm's, which picks the train or eval graph. Follow the model's mode.
         items = kwargs.get("num_items_in_batch")
         if items is not None and self.items_dtype is not None:
             items = torch.as_tensor(items)
@@ -83,6 +81,8 @@ class _RoutedForward:
                     f"{self.items_dtype} and would truncate it: capture with a float count, "
                     "example_kwargs={**batch, 'num_items_in_batch': torch.tensor(1.0)}")
             kwargs["num_items_in_batch"] = items.to(self.items_dtype)
+        # gm is its own root module: model.train()/eval() set the shared children's flags but
+        # not gm's, which picks the train or eval graph. Follow the model's mode.
         if self.gm.training != self.model.training:
             self.gm.training = self.model.training
             self.gm.__dict__[MODES_UNCHECKED] = True  # the model's children changed mode too
