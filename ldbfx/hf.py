@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import LdbfxError
-from .install import check_unchanged, installed
+from .install import check_unchanged, installed, routed_forward
 from .mask import discard_skipped
 
 __all__ = ["LdbCallback"]
@@ -77,12 +77,15 @@ class LdbCallback(TrainerCallback):
                 "LdbCallback; without it every layer would silently get its full backward")
         if model is not None:
             check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
+            # A plain run hands the model the token count of the accumulated batch (over every
+            # rank where average_tokens_across_devices, the default), and the loss is per token.
             accumulating = getattr(args, "gradient_accumulation_steps", 1) > 1
-            if accumulating and getattr(model.forward, "drops_loss_kwargs", False):
+            across_ranks = getattr(args, "world_size", 1) > 1 and getattr(args, "average_tokens_across_devices", False)
+            if (accumulating or across_ranks) and routed_forward(model).drops_loss_kwargs:
                 warnings.warn(
-                    "the graph takes no num_items_in_batch, so with gradient accumulation Trainer "
-                    "averages the loss per micro-batch instead of per token over the accumulated "
-                    "batch, unlike a plain run of this model. To match it, capture with "
+                    "the graph takes no num_items_in_batch, so Trainer averages the loss per "
+                    "micro-batch and rank instead of per token over the accumulated batch (and "
+                    "ranks), unlike a plain run of this model. To match it, capture with "
                     "num_items_in_batch in the example batch: ldbfx.transform(model, example_kwargs="
                     "{**batch, 'num_items_in_batch': torch.tensor(1.0)})", UserWarning, stacklevel=2)
         # accelerate wraps the optimizer; policies hook the torch optimizer that steps.
@@ -118,7 +121,8 @@ class LdbCallback(TrainerCallback):
             self._remember(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        if self.policy is not None:  # training: save_strategy="best" decides after evaluating
+        # save_strategy="best" decides to save after evaluating, past the other hooks
+        if self.policy is not None and getattr(args, "save_strategy", None) == "best":
             self._remember(state)
 
     def _remember(self, state) -> None:
@@ -150,6 +154,11 @@ class LdbCallback(TrainerCallback):
             self._resumed_in_epoch = True
         elif saved["in_epoch"]:  # saved after an epoch's last step; Trainer does not replay its end
             self.policy.end_epoch()
+        elif saved["epoch"] != self._epoch:  # max_steps ended the run inside an epoch, then saved
+            warnings.warn(
+                f"the checkpoint ended epoch {self._epoch} inside it (max_steps), and Trainer "
+                f"resumes that epoch: {self.policy_class.__name__} starts it again, a draw apart "
+                "from a run that had not stopped", UserWarning, stacklevel=3)
 
     def on_train_end(self, args, state, control, **kwargs):
         remove = getattr(self.policy, "remove", None)

@@ -18,6 +18,7 @@ op, and the exact contract already tested for ``gm``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Any
 
@@ -51,10 +52,13 @@ class _RoutedForward:
         self.items_dtype = next((getattr(n.meta.get("val"), "dtype", None) for n in gm.graph.nodes
                                  if n.op == "placeholder" and n.target == "num_items_in_batch"), None)
         var_keyword = [p for p in own.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        # As Trainer decides for the plain model: its accepts_loss_kwargs (PEFT: the base model's)
+        # where it sets one (ConvNext, Gemma3... set False), else whether forward takes **kwargs.
+        declared = getattr(_loss_kwargs_targets(model)[-1], "accepts_loss_kwargs", None)
+        self.plain_takes_loss_kwargs = bool(var_keyword) if declared is None else bool(declared)
         #: Whether a plain Trainer would pass ``num_items_in_batch`` to this model and the graph
-        #: cannot take it (the loss of an accumulated step is then averaged per micro-batch).
-        self.drops_loss_kwargs = bool(var_keyword) and not self.takes_loss_kwargs and all(
-            getattr(target, "accepts_loss_kwargs", True) for target in _loss_kwargs_targets(model))
+        #: cannot take it (the loss is then averaged per micro-batch and per rank, not per token).
+        self.drops_loss_kwargs = self.plain_takes_loss_kwargs and not self.takes_loss_kwargs
         self.__signature__ = own.replace(parameters=[
             p for p in own.parameters.values() if self.takes_loss_kwargs or p not in var_keyword])
         self.__name__ = self.__qualname__ = "forward"
@@ -83,9 +87,7 @@ class _RoutedForward:
             kwargs["num_items_in_batch"] = items.to(self.items_dtype)
         # gm is its own root module: model.train()/eval() set the shared children's flags but
         # not gm's, which picks the train or eval graph. Follow the model's mode.
-        if self.gm.training != self.model.training:
-            self.gm.training = self.model.training
-            self.gm.__dict__[MODES_UNCHECKED] = True  # the model's children changed mode too
+        self.gm.training = self.model.training
         return self.gm(*args, **kwargs)
 
     def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules
@@ -159,14 +161,29 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     if any(mine.get(name) is not p for name, p in gm.named_parameters()):
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
-    saved = {"forward": model.__dict__.get("forward")}
-    model.forward = routed = _RoutedForward(gm, model.forward, model)
+    routed = _RoutedForward(gm, model.forward, model)
+    if routed.takes_loss_kwargs and not routed.plain_takes_loss_kwargs:
+        raise LdbfxError(
+            f"the example batch has num_items_in_batch, but {type(model).__name__} takes no loss "
+            "kwargs (accepts_loss_kwargs is False, or forward has no **kwargs), so Trainer never "
+            "passes it and leaves the loss of an accumulated step to itself: capture without it")
+    saved = {"forward": model.__dict__.get("forward"), "train": model.__dict__.get("train")}
+    model.forward = routed
     for name in _CHECKPOINTING:
         model.__dict__[name] = _refuse_checkpointing
+    # model.train()/eval() set the modes of gm's modules without gm knowing: an exported graph
+    # checks them at its next call (a pass over the modules, as train() itself makes).
+    model.__dict__["train"] = functools.partial(_train_and_check, model, gm)
     for target in _loss_kwargs_targets(model):  # what Trainer reads before the signature
         saved.setdefault("accepts_loss_kwargs", []).append((target, target.__dict__.get("accepts_loss_kwargs")))
         target.__dict__["accepts_loss_kwargs"] = routed.takes_loss_kwargs
     model.__dict__["_ldbfx_installed"] = saved
+    return model
+
+
+def _train_and_check(model: nn.Module, gm: LdbGraphModule, mode: bool = True) -> nn.Module:
+    type(model).train(model, mode)
+    gm.__dict__[MODES_UNCHECKED] = True
     return model
 
 
@@ -184,8 +201,17 @@ def check_unchanged(model: nn.Module, gm: LdbGraphModule) -> None:
 
 def installed(model: nn.Module) -> LdbGraphModule | None:
     """The graph installed on ``model`` by :func:`install`, or None."""
-    forward = model.__dict__.get("forward")
-    return forward.gm if isinstance(forward, _RoutedForward) else None
+    routed = routed_forward(model)
+    return None if routed is None else routed.gm
+
+
+def routed_forward(model: nn.Module) -> _RoutedForward | None:
+    """The installed forward, also where accelerate wrapped it for mixed precision
+    (``Trainer(bf16=True)`` keeps it as ``model._original_forward``)."""
+    for forward in (model.__dict__.get("forward"), model.__dict__.get("_original_forward")):
+        if isinstance(forward, _RoutedForward):
+            return forward
+    return None
 
 
 def uninstall(model: nn.Module) -> None:
@@ -198,6 +224,9 @@ def uninstall(model: nn.Module) -> None:
         model.__dict__["forward"] = saved["forward"]
     for name in _CHECKPOINTING:
         model.__dict__.pop(name, None)
+    model.__dict__.pop("train", None)
+    if saved.get("train") is not None:
+        model.__dict__["train"] = saved["train"]
     for target, value in saved.get("accepts_loss_kwargs", []):
         target.__dict__.pop("accepts_loss_kwargs", None)
         if value is not None:

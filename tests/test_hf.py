@@ -7,6 +7,7 @@ sequence lengths, install() with save_pretrained/generate, the Trainer callback,
 """
 
 import copy
+import math
 import types
 
 import pytest
@@ -404,9 +405,13 @@ def test_trainer_resume_continues_the_policys_draws(tmp_path):
     # 6 steps per epoch; epoch 0 full, 1 and 2 DROP (one draw per step)
     want = run(tmp_path, save_strategy="steps", save_steps=3)
     assert len(set(want.values())) > 5
-    for step in (9, 6):  # mid-epoch 1; the end of epoch 0, whose on_epoch_end Trainer does not replay
+    for step in (9, 12):  # mid-epoch 1; the end of epoch 1, whose on_epoch_end Trainer does not replay
         got = run(tmp_path / "again", resume=str(tmp_path / f"checkpoint-{step}"))
         assert got == {s: d for s, d in want.items() if s > step}, step
+    # Saved by epoch: the state is taken after the epoch's end.
+    assert run(tmp_path / "epochs", save_strategy="epoch") == want
+    got = run(tmp_path / "again", resume=str(tmp_path / "epochs" / "checkpoint-12"))
+    assert got == {s: d for s, d in want.items() if s > 12}
     # A checkpoint without the state (an older ldbfx): resumed, with a warning.
     saved = tmp_path / "checkpoint-15" / "trainer_state.json"
     saved.write_text(saved.read_text().replace(STATE_KEY, "removed"))
@@ -551,12 +556,40 @@ def test_accumulated_loss_is_averaged_per_token_when_captured_with_num_items(tmp
     name = "lm_head.weight"
     differ = (old[name] - want[name]).abs().max() / want[name].abs().max()
     assert differ > 1e-2, differ  # far outside the bound above: the normalisation differs
+    # A model that takes no loss kwargs is never handed the count by Trainer: refused at install.
+    model = llama(tied=False, layers=1)
+    example = torch.utils.data.default_collate(rows[:2])
+    gm = ldbfx.transform(model, example_kwargs={**example, "num_items_in_batch": torch.tensor(3.0)})
+    model.accepts_loss_kwargs = False  # as ConvNext and Gemma3 declare
+    with pytest.raises(ldbfx.LdbfxError, match="Trainer never passes it"):
+        ldbfx.install(model, gm)
     # A count captured as an integer would truncate Trainer's float count (divided per device).
     model = llama(tied=False, layers=1)
     example = torch.utils.data.default_collate(rows[:2])
     ldbfx.install(model, ldbfx.transform(model, example_kwargs={**example, "num_items_in_batch": torch.tensor(3)}))
     with pytest.raises(ldbfx.LdbfxError, match="would truncate it: capture with a float count"):
         model(**example, num_items_in_batch=torch.tensor(2.5))
+
+
+def test_trainer_bf16_trains_through_the_graph(tmp_path):
+    # Trainer(bf16=True) has accelerate wrap model.forward in autocast, keeping ours as
+    # model._original_forward: the callback took that for "not installed" and refused to start.
+    from ldbfx.hf import LdbCallback
+
+    torch.manual_seed(0)
+    model = llama()
+    example = torch.utils.data.default_collate(_dataset()[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast Trainer will train under
+        gm = ldbfx.transform(model, example_kwargs=example)
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=1, kappa=1)
+    checker = _DroppedStayUnchanged(callback, model)
+    trainer = _trainer(model, [callback, checker], tmp_path, epochs=2, bf16=True)
+    trainer.train()
+    assert model.__dict__["forward"] is not model.__dict__["_original_forward"]  # accelerate's wrapper
+    assert callback.policy.stats["steps_drop"] == 6 and checker.checked > 0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(l) for l in losses), losses
 
 
 def test_trainer_callback_discards_the_record_of_a_skipped_step():

@@ -138,13 +138,17 @@ def test_exported_graphs_refuse_a_module_in_another_mode():
         gm(x)
     gm.eval()
     gm(x)  # one mode again
-    # Installed, the model's own train() switches the graph, and the check follows it.
+    # Installed, the model's own train() switches the graph, and the check follows it, also
+    # when the model's mode stays (a loop calling model.train() each step, then freezing BN).
     ldbfx.install(model, gm)
+    model.train()
+    model(x)
     model.train()
     model[1].eval()
     with pytest.raises(ldbfx.LdbfxError, match="'1' are in eval mode"):
         model(x)
     ldbfx.uninstall(model)
+    assert "train" not in model.__dict__  # the model's own train() again
     # Compiled, the check runs while Dynamo traces: its guards on the modes retrace after a change,
     # even one made without gm.train().
     gm.train()
