@@ -36,16 +36,18 @@ def main():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         use_cache=False))  # a KV cache is for generation; training returns none
     data = dataset()
-    example = torch.utils.data.default_collate(data[:2])
-
-    gm = ldbfx.transform(model, example_kwargs=example)  # 1. capture once (torch.export)
-    ldbfx.install(model, gm)  # 2. model.forward now trains through the rewritten graph
-    callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.3, period=2, kappa=1)  # 3.
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, num_train_epochs=4,
                                  learning_rate=3e-3, logging_steps=12, report_to=[], use_cpu=True,
-                                 save_strategy="no", disable_tqdm=True)
+                                 save_strategy="no", disable_tqdm=True)  # drop use_cpu on a GPU
+        # The capture fixes the device: move the model and the example batch there first.
+        model.to(args.device)
+        example = {k: v.to(args.device) for k, v in torch.utils.data.default_collate(data[:2]).items()}
+
+        gm = ldbfx.transform(model, example_kwargs=example)  # 1. capture once (torch.export)
+        ldbfx.install(model, gm)  # 2. model.forward now trains through the rewritten graph
+        callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.3, period=2, kappa=1)  # 3.
         Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
         model.save_pretrained(out)  # the trained weights, under the model's own keys
     print("policy:", callback.policy.stats)

@@ -1,8 +1,9 @@
 """Hugging Face ``Trainer`` integration: run any ldbfx policy from a ``TrainerCallback``.
 
 Importing this module imports ``transformers`` (``pip install ldbfx[hf]``); ``import ldbfx`` never
-does. The three lines::
+does. The lines::
 
+    model.to(device)                                                # the capture fixes the device
     gm = ldbfx.transform(model, example_kwargs=next(iter(loader)))  # capture once (torch.export)
     ldbfx.install(model, gm)                                        # model.forward trains via gm
     Trainer(model=model, ..., callbacks=[LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)]).train()
@@ -75,6 +76,15 @@ class LdbCallback(TrainerCallback):
                 "the Trainer's model does not train through this graph: call "
                 "ldbfx.install(model, gm) before Trainer(model=model, ...), with the gm given to "
                 "LdbCallback; without it every layer would silently get its full backward")
+        mode = getattr(args, "parallel_mode", None)
+        if getattr(args, "n_gpu", 1) > 1 and getattr(mode, "value", mode) == "not_distributed":
+            # Trainer wraps the model in nn.DataParallel: every replica would call the one
+            # installed forward, whose graph runs over the modules on the first GPU.
+            raise LdbfxError(
+                f"Trainer found {args.n_gpu} GPUs in one process and would train through "
+                "nn.DataParallel, which an installed ldbfx graph cannot follow. Launch with "
+                "torchrun (one process per GPU, DistributedDataParallel), or make one GPU visible "
+                "(CUDA_VISIBLE_DEVICES=0)")
         if model is not None:
             check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
             # A plain run hands the model the token count of the accumulated batch (over every

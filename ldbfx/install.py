@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import LdbfxError
-from .module import MODES_UNCHECKED, LdbGraphModule, captured_from, changes_since_capture
+from .module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
 
 __all__ = ["install", "uninstall", "installed"]
 
@@ -61,6 +61,14 @@ class _RoutedForward:
         self.drops_loss_kwargs = self.plain_takes_loss_kwargs and not self.takes_loss_kwargs
         self.__signature__ = own.replace(parameters=[
             p for p in own.parameters.values() if self.takes_loss_kwargs or p not in var_keyword])
+        # torch.export orders the graph's inputs as the example batch's keys, which need not be the
+        # model's order (a tokenizer gives BERT input_ids, token_type_ids, attention_mask; its
+        # forward takes input_ids, attention_mask, token_type_ids). Positional inputs are therefore
+        # bound to the model's own signature and passed by name, where the graph's names are the
+        # model's; otherwise (a forward without named inputs) they go in the graph's order.
+        self.own = own
+        self.by_name = (all(name in own.parameters for name in self.inputs.parameters)
+                        and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in own.parameters.values()))
         self.__name__ = self.__qualname__ = "forward"
         self.__doc__ = getattr(original, "__doc__", None)
 
@@ -68,13 +76,19 @@ class _RoutedForward:
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
         try:
+            if args and self.by_name:
+                args, kwargs = (), _by_name(self.own.bind(*args, **kwargs))
             self.inputs.bind(*args, **kwargs)
         except TypeError as cause:
+            missing = "missing" in str(cause)
             raise LdbfxError(
-                f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional) "
-                f"that the captured graph does not take ({cause}): the graph takes exactly the "
+                f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional), "
+                f"which the captured graph cannot take ({cause}): the graph takes exactly the "
                 f"inputs of the example batch given to ldbfx.transform: {self.inputs}. "
-                "Transform again with an example batch that has these inputs, or "
+                + ("Trainer leaves out labels when it computes the loss itself "
+                   "(label_smoothing_factor, compute_loss_func): capture without them then. "
+                   if missing else "")
+                + "Transform again with an example batch that has the inputs of this call, or "
                 "ldbfx.uninstall(model)") from None
         items = kwargs.get("num_items_in_batch")
         if items is not None and self.items_dtype is not None:
@@ -93,6 +107,23 @@ class _RoutedForward:
     def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules
         return _RoutedForward(copy.deepcopy(self.gm, memo), copy.deepcopy(self.original, memo),
                               copy.deepcopy(self.model, memo))
+
+    def __reduce__(self):  # torch.save(model) pickles the instance attribute that install set
+        raise LdbfxError(
+            "a model with an ldbfx graph installed cannot be pickled (torch.save(model)): save "
+            "model.state_dict() or model.save_pretrained(...), which hold the same weights, or "
+            "ldbfx.uninstall(model) first")
+
+
+def _by_name(bound: inspect.BoundArguments) -> dict[str, Any]:
+    """A call's arguments by parameter name, a ``**kwargs`` parameter's entries spread out."""
+    named = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    return named
 
 
 #: Hugging Face's switches for activation checkpointing (the second is the newer name, not in 5.0).
@@ -183,7 +214,7 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
 
 def _train_and_check(model: nn.Module, gm: LdbGraphModule, mode: bool = True) -> nn.Module:
     type(model).train(model, mode)
-    gm.__dict__[MODES_UNCHECKED] = True
+    recheck_modes(gm)
     return model
 
 
@@ -200,7 +231,17 @@ def check_unchanged(model: nn.Module, gm: LdbGraphModule) -> None:
 
 
 def installed(model: nn.Module) -> LdbGraphModule | None:
-    """The graph installed on ``model`` by :func:`install`, or None."""
+    """The graph installed on ``model`` by :func:`install`, or None.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> ldbfx.installed(model) is None
+        True
+        >>> gm = ldbfx.install(model, ldbfx.transform(model)) and ldbfx.installed(model)
+        >>> isinstance(gm, ldbfx.LdbGraphModule)
+        True
+    """
     routed = routed_forward(model)
     return None if routed is None else routed.gm
 
@@ -215,13 +256,29 @@ def routed_forward(model: nn.Module) -> _RoutedForward | None:
 
 
 def uninstall(model: nn.Module) -> None:
-    """Restores ``model``'s own ``forward`` (and what :func:`install` changed). No-op if none."""
+    """Restores ``model``'s own ``forward`` (and what :func:`install` changed). No-op if none.
+
+    The graph stays usable on its own (``gm(x)``); the model trains without ldbfx again.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> gm = ldbfx.transform(model)
+        >>> ldbfx.install(model, gm) is model
+        True
+        >>> ldbfx.uninstall(model)
+        >>> ldbfx.installed(model) is None, "forward" in model.__dict__
+        (True, False)
+    """
     saved: dict[str, Any] | None = model.__dict__.pop("_ldbfx_installed", None)
     if saved is None:
         return
     model.__dict__.pop("forward", None)
     if saved["forward"] is not None:
         model.__dict__["forward"] = saved["forward"]
+    if isinstance(model.__dict__.get("_original_forward"), _RoutedForward):
+        # accelerate's mixed-precision wrapper (Trainer(bf16=True)) kept it there; dropped with it
+        del model.__dict__["_original_forward"]
     for name in _CHECKPOINTING:
         model.__dict__.pop(name, None)
     model.__dict__.pop("train", None)

@@ -120,10 +120,16 @@ class LdbGraphModule(fx.GraphModule):
         self._ldbfx_index = {layer.name: layer.index for layer in layers}
         self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
         # The model's own modules (gm adds torch.export's guard module): an exported graph runs
-        # each of them in the mode it was captured in, which MODES_UNCHECKED makes the next call check.
+        # each of them in the mode it was captured in, which recheck_modes makes the next call check.
         self.__dict__["_ldbfx_model_modules"] = tuple(m for name, m in model.named_modules() if name)
-        self.__dict__[MODES_UNCHECKED] = True
+        recheck_modes(self)
         self.__dict__["_ldbfx_captured"] = _captured(model)  # what changes_since_capture compares
+        # An exported graph keeps the device and dtypes it was captured on (position ids made on
+        # that device, masks in that dtype): one parameter, looked up at each eager call, tells
+        # whether the model has moved since (.to(), .half(), Trainer moving it to its device).
+        first = next(((module, name, p) for module in model.modules()
+                      for name, p in module._parameters.items() if p is not None), None)
+        self.__dict__[PLACEMENT_ATTR] = None if first is None else (*first[:2], first[2].device, first[2].dtype)
 
     def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
         """The parameters of layer ``index`` as the model holds them now."""
@@ -135,7 +141,7 @@ class LdbGraphModule(fx.GraphModule):
         super().train(mode)
         for module in self.__dict__.get("_ldbfx_pinned_eval", ()):
             module.train(False)
-        self.__dict__[MODES_UNCHECKED] = True
+        recheck_modes(self)
         return self
 
     def recompile(self):
@@ -161,13 +167,17 @@ class LdbGraphModule(fx.GraphModule):
                     state.record_forward()
                 captured = self.__dict__.get(AUTOCAST_ATTR)  # torch.export graphs only
                 if captured is not None:
+                    check_placement(self)
                     if captured != autocast_state():
                         raise _autocast_error(captured)
-                    if self.__dict__[MODES_UNCHECKED]:  # set by train()/eval(): not per step
+                    # Set by train()/eval(), which pass over the modules themselves; a loop
+                    # that calls train() every step (Trainer does) pays a second such pass.
+                    if self.__dict__[MODES_UNCHECKED]:
                         check_modes(self)
                         self.__dict__[MODES_UNCHECKED] = False
             elif AUTOCAST_ATTR in self.__dict__:
                 check_modes(self)  # traced: Dynamo guards on the modes it read, and retraces
+                check_placement(self)
             if self.training:
                 return train_forward(self, *args, **kwargs)
             return eval_forward(self, *args, **kwargs)
@@ -196,7 +206,8 @@ class LdbGraphModule(fx.GraphModule):
         # the config's values are copied as they are.
         then, now = self.__dict__["_ldbfx_captured"], _captured(result)
         result.__dict__["_ldbfx_captured"] = {
-            **{key: {n: v for n, v in now[key].items() if n in then[key]} for key in ("modules", "parameters", "hooks")},
+            **{key: {n: v for n, v in now[key].items() if n in then[key]}
+               for key in ("modules", "parameters", "placement", "hooks")},
             "config": then["config"]}
         return result
 
@@ -210,6 +221,34 @@ class LdbGraphModule(fx.GraphModule):
 
 AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
 MODES_UNCHECKED = "_ldbfx_modes_unchecked"  # an exported graph checks its modules' modes next call
+PLACEMENT_ATTR = "_ldbfx_placement"  # (module, name, device, dtype) of the model's first parameter
+
+
+def check_placement(gm: LdbGraphModule) -> None:
+    """Refuses to run an exported graph whose model moved to another device or dtype since the
+    capture (one parameter's lookup: every call can afford it)."""
+    placement = gm.__dict__.get(PLACEMENT_ATTR)
+    if placement is None or AUTOCAST_ATTR not in gm.__dict__:
+        return
+    module, name, device, dtype = placement
+    param = module._parameters.get(name)
+    if param is not None and (param.device != device or param.dtype != dtype):
+        raise LdbfxError(_PLACEMENT_FIX.format(
+            what=f"its parameters are now on {param.device} in {param.dtype} (captured on {device} in {dtype})"))
+
+
+_PLACEMENT_FIX = (
+    "the model moved after ldbfx.transform: {what}, but the graph was captured by torch.export, "
+    "which fixes the device and dtypes of what the model creates (position ids, attention "
+    "masks), and would fail or run in the old ones. Move the model (model.to(device, dtype)) "
+    "and the example batch before ldbfx.transform; Trainer then leaves it where it is. For mixed "
+    "precision keep the weights as they are and capture under torch.autocast")
+
+
+def recheck_modes(gm: LdbGraphModule) -> None:
+    """Makes ``gm`` check its modules' train/eval modes (:func:`check_modes`) at its next eager
+    call: to be called wherever the modes may have changed without ``gm.train()``."""
+    gm.__dict__[MODES_UNCHECKED] = True
 
 
 def check_modes(gm: LdbGraphModule) -> None:
@@ -265,6 +304,7 @@ def _captured(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {"modules": {name: id(m) for name, m in named},
             "parameters": {name: (id(p), tuple(p.shape)) for name, p in model.named_parameters()},
+            "placement": {name: (p.device, p.dtype) for name, p in model.named_parameters()},
             "hooks": {name: tuple(tuple(getattr(m, d, {})) for d in _HOOK_DICTS) for name, m in named},
             "config": copy.deepcopy(config.to_dict()) if callable(getattr(config, "to_dict", None)) else None}
 
@@ -288,6 +328,8 @@ def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     added = [n for n in now["modules"] if n not in then["modules"]]
     hooked = [n for n, hooks in now["hooks"].items()
               if n in then["hooks"] and not any(then["hooks"][n]) and any(hooks)]
+    moved = [n for n, place in then.get("placement", {}).items()
+             if AUTOCAST_ATTR in gm.__dict__ and now["placement"].get(n, place) != place]
     config = sorted(k for k in set(then["config"] or {}) | set(now["config"] or {})
                     if k not in _CONFIG_METADATA and (then["config"] or {}).get(k) != (now["config"] or {}).get(k))
     found = []
@@ -295,6 +337,11 @@ def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
                         ("modules added", added), ("parameters replaced or resized", swapped)):
         if names:
             found.append(f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}")
+    if moved:
+        device, dtype = now["placement"][moved[0]]
+        found.append(_PLACEMENT_FIX.format(
+            what=f"{', '.join(moved[:3])}{' ...' if len(moved) > 3 else ''} are now on {device} in {dtype} "
+                 f"(captured on {then['placement'][moved[0]][0]} in {then['placement'][moved[0]][1]})"))
     if hooked:
         found.append(f"hooks added to {', '.join(hooked[:5])} (Trainer's neftune_noise_alpha adds one to "
                      "the input embeddings)")

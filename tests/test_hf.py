@@ -7,6 +7,7 @@ sequence lengths, install() with save_pretrained/generate, the Trainer callback,
 """
 
 import copy
+import io
 import math
 import types
 
@@ -204,6 +205,28 @@ def test_compiled_once_over_masks_and_sequence_lengths():
             else:  # compiled and eager kernels round differently: the gradient's scale
                 assert (got[name] - p.grad).abs().max() <= 2e-3 * p.grad.abs().max() + 1e-6, name
     assert counter.frame_count == 1, "changing the mask or the sequence length must not recompile"
+    # Trainer(torch_compile=True) compiles the model itself: through the installed forward
+    # (positional inputs bound by name) into gm's graph, in one graph, once.
+    ldbfx.install(model, gm)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for drop in (eligible[:3], eligible[3:]):
+        ldbfx.set_dropped(gm, drop)
+        inputs = tokens(seed=len(drop))
+        model.zero_grad(set_to_none=True)
+        gm(**inputs).loss.backward()
+        want = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        compiled(inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss.backward()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        for name, grad in want.items():  # the same tolerance as above
+            assert (params[name].grad - grad).abs().max() <= 2e-3 * grad.abs().max() + 1e-6, name
+        optimizer.step()
+        for name in (n for l in drop for n in l.params):  # zeros from the compiled kernels: skipped
+            assert torch.equal(params[name], before[name]), name
+    assert counter.frame_count == 1
+    ldbfx.uninstall(model)
     torch._dynamo.reset()
 
 
@@ -335,12 +358,13 @@ def _dataset(n=48, length=16):
     return rows
 
 
-def _trainer(model, callbacks, out, epochs=3, **options):
+def _trainer(model, callbacks, out, epochs=3, evaluate=False, **options):
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=8, num_train_epochs=epochs,
         learning_rate=3e-3, logging_steps=6, report_to=[], use_cpu=True,
         disable_tqdm=True, seed=0, **{"save_strategy": "no", **options})
-    return transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    return transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks,
+                                eval_dataset=_dataset()[:8] if evaluate else None)
 
 
 class _DroppedStayUnchanged(transformers.TrainerCallback):
@@ -392,14 +416,14 @@ def test_trainer_resume_continues_the_policys_draws(tmp_path):
     # than the uninterrupted run. Its state now travels in trainer_state.json.
     from ldbfx.hf import STATE_KEY, LdbCallback
 
-    def run(out, resume=None, **options):
+    def run(out, resume=None, evaluate=False, **options):
         torch.manual_seed(0)
         model = llama()
         gm = ldbfx.transform(model, example_kwargs=torch.utils.data.default_collate(_dataset()[:2]))
         ldbfx.install(model, gm)
         callback = LdbCallback(gm, ldbfx.LayerDropBack, drop_rate=0.5, period=1, kappa=1)
         recorder = _DrawRecorder(callback)
-        _trainer(model, [callback, recorder], out, **options).train(resume_from_checkpoint=resume)
+        _trainer(model, [callback, recorder], out, evaluate=evaluate, **options).train(resume_from_checkpoint=resume)
         return recorder.draws
 
     # 6 steps per epoch; epoch 0 full, 1 and 2 DROP (one draw per step)
@@ -412,6 +436,12 @@ def test_trainer_resume_continues_the_policys_draws(tmp_path):
     assert run(tmp_path / "epochs", save_strategy="epoch") == want
     got = run(tmp_path / "again", resume=str(tmp_path / "epochs" / "checkpoint-12"))
     assert got == {s: d for s, d in want.items() if s > 12}
+    # save_strategy="best" decides to save after evaluating: the state is taken there.
+    best = {"save_strategy": "best", "eval_strategy": "steps", "eval_steps": 4, "metric_for_best_model": "loss"}
+    assert run(tmp_path / "best", evaluate=True, **best) == want
+    saved = max(s for p in (tmp_path / "best").glob("checkpoint-*") if (s := int(p.name.split("-")[1])) < 18)
+    got = run(tmp_path / "again", resume=str(tmp_path / "best" / f"checkpoint-{saved}"), evaluate=True, **best)
+    assert got == {s: d for s, d in want.items() if s > saved}
     # A checkpoint without the state (an older ldbfx): resumed, with a warning.
     saved = tmp_path / "checkpoint-15" / "trainer_state.json"
     saved.write_text(saved.read_text().replace(STATE_KEY, "removed"))
@@ -590,6 +620,98 @@ def test_trainer_bf16_trains_through_the_graph(tmp_path):
     assert callback.policy.stats["steps_drop"] == 6 and checker.checked > 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(math.isfinite(l) for l in losses), losses
+    # accelerate's wrapper stays on the model after train(): uninstall removes it with ours (it
+    # left it, so installed() still answered gm and a new install was refused)
+    ldbfx.uninstall(model)
+    assert ldbfx.installed(model) is None
+    ldbfx.install(model, gm)
+
+
+def test_positional_inputs_reach_the_inputs_they_name():
+    # torch.export orders the graph's inputs as the example batch's keys; the model's forward has
+    # its own order. A positional call went in the graph's order: here the attention mask got the
+    # token ids and the ids the mask, silently.
+    model = bert()
+    inputs = CASES["bert"][1]()
+    inputs["attention_mask"][1, 10:] = 0  # padding, so a swapped mask changes the result
+    gm = ldbfx.transform(model, example_kwargs={k: inputs[k] for k in ("attention_mask", "input_ids")})
+    ldbfx.install(model, gm)
+    model.eval()
+    with torch.no_grad():
+        want = model(inputs["input_ids"], inputs["attention_mask"]).logits  # the model's own forward
+    got = model(inputs["input_ids"], inputs["attention_mask"]).logits  # gradients on: through gm
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want)  # same ops, same order: exact up to kernels
+    by_keyword = model(attention_mask=inputs["attention_mask"], input_ids=inputs["input_ids"]).logits
+    torch.testing.assert_close(by_keyword.detach(), want)
+    ldbfx.uninstall(model)
+    ldbfx.install(model, ldbfx.transform(model, example_kwargs=inputs))  # with labels
+    with pytest.raises(ldbfx.LdbfxError, match="labels.*capture without them"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])  # Trainer's label smoothing
+    with pytest.raises(ldbfx.LdbfxError, match="cannot be pickled.*state_dict"):
+        torch.save(model, io.BytesIO())
+
+
+def test_padded_batches_match_the_model():
+    # Every other test's attention mask is all ones; with padding, the graph must mask as the model.
+    model = llama(layers=2)
+    inputs = tokens()
+    inputs["attention_mask"][0, 12:] = 0
+    inputs["labels"][0, 12:] = -100
+    gm = ldbfx.transform(model, example_kwargs=inputs)
+    ldbfx.install(model, gm)
+    model.eval()  # no dropout: the two forwards must agree
+    with torch.no_grad():
+        want = model(**inputs).logits
+    other = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+    got = model(**inputs).logits
+    torch.testing.assert_close(got.detach(), want)
+    assert not torch.allclose(model(**other).logits.detach(), want)  # the mask matters here
+
+
+def test_a_model_moved_after_capture_is_refused():
+    # torch.export fixed the capture's device and dtypes in the graph (position ids, masks): a
+    # model moved afterwards failed inside the graph ("Tensor dtype mismatch", a device
+    # mismatch at Trainer's first step on a GPU). Now refused, naming the move and the fix.
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    ldbfx.install(model, gm)
+    model.to(torch.bfloat16)
+    with pytest.raises(ldbfx.LdbfxError, match=r"now on cpu in torch.bfloat16 \(captured on cpu in torch.float32\).*before ldbfx.transform"):
+        model(**tokens())
+    with pytest.raises(ldbfx.LdbfxError, match="are now on cpu in torch.bfloat16"):
+        from ldbfx.install import check_unchanged
+
+        check_unchanged(model, gm)  # what install and the Trainer callback run
+    model.to(torch.float32)
+    assert model(**tokens()).loss.requires_grad  # back where it was captured: runs
+    other = llama()
+    gm = ldbfx.transform(other, example_kwargs=tokens())
+    other.to("meta")
+    with pytest.raises(ldbfx.LdbfxError, match="now on meta"):
+        gm(**{k: v.to("meta") for k, v in tokens().items()})
+    fx = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)]))
+    fx.to(torch.float64)  # an FX graph follows the model: no refusal
+    assert fx(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_trainer_callback_refuses_data_parallel():
+    # Trainer wraps a model in nn.DataParallel when one process sees several GPUs: the replicas
+    # would all call the one installed forward over the first GPU's modules.
+    from ldbfx.hf import LdbCallback
+
+    model = llama()
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    ldbfx.install(model, gm)
+    callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
+    args = types.SimpleNamespace(n_gpu=2, parallel_mode=transformers.training_args.ParallelMode.NOT_DISTRIBUTED)
+    state = transformers.TrainerState()
+    with pytest.raises(ldbfx.LdbfxError, match="torchrun"):
+        callback.on_train_begin(args, state, transformers.TrainerControl(), model=model)
+    args.parallel_mode = transformers.training_args.ParallelMode.DISTRIBUTED  # DDP: one GPU per process
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback.on_train_begin(args, state, transformers.TrainerControl(), model=model, optimizer=optimizer)
+    assert callback.policy is not None
 
 
 def test_trainer_callback_discards_the_record_of_a_skipped_step():
