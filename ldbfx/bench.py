@@ -43,10 +43,20 @@ __all__ = ["add_arguments", "run", "main", "run_meta", "make_model"]
 
 
 def run_meta(device: str) -> dict:
-    """Where and when a benchmark ran: date, torch version, machine, threads, device name."""
+    """Where and when a benchmark ran: date, torch version, machine, CPU model, threads, device name."""
     return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}
+
+
+def _cpu_name() -> str | None:
+    """The CPU's model name (Linux), which ``platform`` does not give: timings differ by CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def make_model(name: str, resolution: int) -> torch.nn.Module:

@@ -277,7 +277,7 @@ def to_networkx(gm: LdbGraphModule) -> networkx.DiGraph:
 
     Example:
         >>> import torch, ldbfx
-        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]))
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]), keep_first=1)
         >>> sorted(ldbfx.to_networkx(gm).edges)
         [(0, 1), (1, 2)]
     """

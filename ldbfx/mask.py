@@ -108,9 +108,11 @@ def _index(gm: LdbGraphModule, layer: str | int | Layer) -> int:
 
 
 def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None:
-    """Skips the weight (and bias) gradients of ``layers`` from the next forward on.
+    """Skips the weight (and bias) gradients of ``layers`` from the next step on.
 
-    No retrace, no recompile: a CPU mask is updated in place. ``[]`` restores full backprop.
+    No retrace, no recompile: a CPU mask is updated in place. Eager ops read it when the forward
+    runs, a compiled model's backward kernels when the backward runs: change it between steps
+    (after ``optimizer.step()``, before the next forward), where both agree. ``[]`` restores full backprop.
     Dropped layers still pass the input gradient to earlier layers, and ``optimizer.step()``
     leaves their parameters and optimizer state unchanged.
 
@@ -140,7 +142,17 @@ def set_dropped(gm: LdbGraphModule, layers: Iterable[str | int | Layer]) -> None
 
 
 def dropped(gm: LdbGraphModule) -> tuple[str, ...]:
-    """Names of the layers currently dropped, in topological order."""
+    """Names of the layers currently dropped, in topological order.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)]))
+        >>> ldbfx.dropped(gm)
+        ()
+        >>> ldbfx.set_dropped(gm, [6, 4])
+        >>> ldbfx.dropped(gm)
+        ('4', '6')
+    """
     gm = _check(gm)
     return tuple(gm.ldbfx_layers[i].name for i in gm.ldbfx_state.dropped)
 
@@ -290,7 +302,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
 
     Example:
         >>> import torch, ldbfx
-        >>> gm = ldbfx.transform(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)))
+        >>> gm = ldbfx.transform(torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)), keep_first=0)
         >>> ldbfx.set_frozen_rows(gm, {"0": [1, 3]})
         >>> ldbfx.frozen_rows(gm)
         {'0': [1, 3]}
@@ -328,6 +340,14 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
 
 
 def frozen_rows(gm: LdbGraphModule) -> dict[str, list[int]]:
-    """Layer name -> frozen indices (along the ``dim`` of the last :func:`set_frozen_rows`)."""
+    """Layer name -> frozen indices (along the ``dim`` of the last :func:`set_frozen_rows`).
+
+    Example:
+        >>> import torch, ldbfx
+        >>> gm = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(8)]))
+        >>> ldbfx.set_frozen_rows(gm, {"5": [0, 2]})
+        >>> ldbfx.frozen_rows(gm)
+        {'5': [0, 2]}
+    """
     gm = _check(gm)
     return {gm.ldbfx_layers[i].name: rows.frozen.tolist() for i, rows in gm.ldbfx_state.rows.items()}

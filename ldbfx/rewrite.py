@@ -172,7 +172,8 @@ def transform(
     until then.
 
     Args:
-        model: any ``torch.fx``-traceable module (torchvision, timm, custom models).
+        model: any module: ``torch.fx``-traceable (torchvision, timm, custom models) unless an
+            example batch is given, which captures it with ``torch.export`` instead.
         keep_first: the first layers (topological order) that always train. Default: ``4``.
         keep_last: the last layers that always train. Default: ``1``.
         filter: ``(module, name) -> bool``; layers for which it is False always train.

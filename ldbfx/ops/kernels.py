@@ -4,7 +4,7 @@ A dropped layer's kernel returns zeros without computing them and records the sk
 state (what the optimizer hook then leaves untouched); a kept layer's computes its weight gradient
 (for the kept rows only, with a row selection).
 
-The bodies here are Python. The most frequent three also have C++ bodies (``ldbfx::<name>_native``,
+The bodies here are Python. All but the embeddings' also have C++ bodies (``ldbfx::<name>_native``,
 :mod:`ldbfx.ops.native`), which the compiled backward calls where they build; these Python ones
 stay the reference, the fallback, and what the C++ ones defer to for row selections.
 """
@@ -261,7 +261,8 @@ def _masked_grad_fake(grad, mask, index):
 # --------------------------------------------------------------------------------------------
 # Registration. Two mechanisms run the same Python bodies (docs/design.md compares them):
 #
-# * ``library`` (the default): ``torch.library.Library.define`` + ``impl`` + ``register_fake``.
+# * ``library`` (the default where the C++ bodies of :mod:`ldbfx.ops.native` do not build):
+#   ``torch.library.Library.define`` + ``impl`` + ``register_fake``.
 #   The dispatcher calls the body directly: about 6 us per call.
 # * ``custom_op``: ``@torch.library.custom_op``, the documented high-level API. Its Python wrapper
 #   (schema checks, autograd registration) costs about 17 us per call.

@@ -3,8 +3,9 @@ first use and cached by PyTorch (``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_exte
 default).
 
 The compiled backward calls one mask-reading kernel per layer and step. Their Python bodies cost
-50-70 us per call inside a compiled ResNet-50 step on a 2-core CPU (docs/design.md), about what
-keeps the compiled path below freezing's saving there. The C++ bodies do the same work with the
+~11 us per call more than the C++ ones in a loop, and 60-70 us per call inside a compiled
+ResNet-50 step on a 2-core CPU, where caches are cold (docs/benchmarks.md, "Kernels without
+Python"): 3-4 ms of such a step. The C++ bodies do the same work with the
 same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes
 with ldbfx) and takes about 15 s, once per machine and torch version. Where the build fails, or
 ``LDBFX_NATIVE=0`` is set, the Python kernels run instead: the same gradients, and one warning
@@ -104,7 +105,7 @@ def _load() -> bool:
             warnings.warn(
                 f"ldbfx: {lock} was left by a build that did not finish (a killed process?), and "
                 "this PyTorch would wait on it forever; the Python kernels run instead (the same "
-                "gradients, ~20-60 us more per layer and step). Delete that file to build the "
+                "gradients, ~11-70 us more per layer and step). Delete that file to build the "
                 "native kernels.", RuntimeWarning, stacklevel=2)
             return False
         from torch.utils.cpp_extension import load
@@ -129,7 +130,7 @@ def _load() -> bool:
             fix = "Install a C++ compiler (g++ or clang) to build them"
         warnings.warn(
             f"ldbfx: the native compiled-path kernels could not be built ({reason}); the Python "
-            f"kernels run instead (the same gradients, ~20-60 us more per layer and step). {fix}, "
+            f"kernels run instead (the same gradients, ~11-70 us more per layer and step). {fix}, "
             "or set LDBFX_NATIVE=0 to silence this.",
             RuntimeWarning, stacklevel=2)
         return False
