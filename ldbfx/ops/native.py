@@ -7,7 +7,7 @@ The compiled backward calls one mask-reading kernel per layer and step. Their Py
 ResNet-50 step on a 2-core CPU, where caches are cold (docs/benchmarks.md, "Kernels without
 Python"): 3-4 ms of such a step. The C++ bodies do the same work with the
 same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes
-with ldbfx) and takes about 15 s, once per machine and torch version. Where the build fails, or
+with ldbfx) and takes 8-15 s on 2 cores, once per machine and torch version. Where the build fails, or
 ``LDBFX_NATIVE=0`` is set, the Python kernels run instead: the same gradients, and one warning
 that says why.
 
