@@ -64,10 +64,11 @@ class _RoutedForward:
         # torch.export orders the graph's inputs as the example batch's keys, which need not be the
         # model's order (a tokenizer gives BERT input_ids, token_type_ids, attention_mask; its
         # forward takes input_ids, attention_mask, token_type_ids). Positional inputs are therefore
-        # bound to the model's own signature and passed by name, where the graph's names are the
-        # model's; otherwise (a forward without named inputs) they go in the graph's order.
+        # bound to the model's own signature and passed by name, where the model's signature names
+        # the graph's inputs (or takes them in **kwargs: num_items_in_batch); otherwise (a forward
+        # with *args) they go in the graph's order.
         self.own = own
-        self.by_name = (all(name in own.parameters for name in self.inputs.parameters)
+        self.by_name = (all(name in own.parameters or var_keyword for name in self.inputs.parameters)
                         and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in own.parameters.values()))
         self.__name__ = self.__qualname__ = "forward"
         self.__doc__ = getattr(original, "__doc__", None)
@@ -80,7 +81,7 @@ class _RoutedForward:
                 args, kwargs = (), _by_name(self.own.bind(*args, **kwargs))
             self.inputs.bind(*args, **kwargs)
         except TypeError as cause:
-            missing = "missing" in str(cause)
+            missing = "'labels'" in str(cause)  # "missing a required argument: 'labels'"
             raise LdbfxError(
                 f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional), "
                 f"which the captured graph cannot take ({cause}): the graph takes exactly the "
@@ -238,8 +239,8 @@ def installed(model: nn.Module) -> LdbGraphModule | None:
         >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
         >>> ldbfx.installed(model) is None
         True
-        >>> gm = ldbfx.install(model, ldbfx.transform(model)) and ldbfx.installed(model)
-        >>> isinstance(gm, ldbfx.LdbGraphModule)
+        >>> gm = ldbfx.transform(model)
+        >>> ldbfx.install(model, gm) is model and ldbfx.installed(model) is gm
         True
     """
     routed = routed_forward(model)

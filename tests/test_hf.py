@@ -624,6 +624,10 @@ def test_trainer_bf16_trains_through_the_graph(tmp_path):
     # left it, so installed() still answered gm and a new install was refused)
     ldbfx.uninstall(model)
     assert ldbfx.installed(model) is None
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    model.zero_grad(set_to_none=True)
+    model(**example).loss.backward()  # the model's own forward again: every layer has its gradient
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     ldbfx.install(model, gm)
 
 
@@ -644,6 +648,16 @@ def test_positional_inputs_reach_the_inputs_they_name():
     torch.testing.assert_close(got.detach(), want)  # same ops, same order: exact up to kernels
     by_keyword = model(attention_mask=inputs["attention_mask"], input_ids=inputs["input_ids"]).logits
     torch.testing.assert_close(by_keyword.detach(), want)
+    # An input the model takes in **kwargs (Trainer's token count) keeps positional inputs by name.
+    ldbfx.uninstall(model)
+    counted = {"attention_mask": inputs["attention_mask"], "input_ids": inputs["input_ids"],
+               "num_items_in_batch": torch.tensor(1.0)}
+    ldbfx.install(model, ldbfx.transform(model, example_kwargs=counted))
+    got = model(inputs["input_ids"], inputs["attention_mask"], num_items_in_batch=torch.tensor(2.0)).logits
+    torch.testing.assert_close(got.detach(), want)
+    with pytest.raises(ldbfx.LdbfxError, match="cannot take") as refused:
+        model(inputs["input_ids"], num_items_in_batch=torch.tensor(2.0))  # no mask: not a labels hint
+    assert "attention_mask" in str(refused.value) and "leaves out labels" not in str(refused.value)
     ldbfx.uninstall(model)
     ldbfx.install(model, ldbfx.transform(model, example_kwargs=inputs))  # with labels
     with pytest.raises(ldbfx.LdbfxError, match="labels.*capture without them"):
@@ -652,50 +666,28 @@ def test_positional_inputs_reach_the_inputs_they_name():
         torch.save(model, io.BytesIO())
 
 
-def test_padded_batches_match_the_model():
-    # Every other test's attention mask is all ones; with padding, the graph must mask as the model.
+@pytest.mark.parametrize("captured_with", ["padding", "no padding"])
+def test_padded_batches_match_the_model(captured_with):
+    # Most tests' attention masks are all ones; with padding, the graph must mask as the model
+    # does, also when the example batch had none (a model that took "all ones" for "no mask" at
+    # capture would ignore later padding, silently).
     model = llama(layers=2)
     inputs = tokens()
     inputs["attention_mask"][0, 12:] = 0
     inputs["labels"][0, 12:] = -100
-    gm = ldbfx.transform(model, example_kwargs=inputs)
-    ldbfx.install(model, gm)
+    example = inputs if captured_with == "padding" else tokens()
+    assert example["attention_mask"][0, 12:].any() == (captured_with == "no padding")
+    ldbfx.install(model, ldbfx.transform(model, example_kwargs=example))
     model.eval()  # no dropout: the two forwards must agree
-    with torch.no_grad():
-        want = model(**inputs).logits
-    other = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
-    got = model(**inputs).logits
-    torch.testing.assert_close(got.detach(), want)
-    assert not torch.allclose(model(**other).logits.detach(), want)  # the mask matters here
+    unpadded = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+    with torch.no_grad():  # the model's own forward
+        want, want_unpadded = model(**inputs).logits, model(**unpadded).logits
+    assert not torch.allclose(want_unpadded, want)  # the mask matters here
+    torch.testing.assert_close(model(**inputs).logits.detach(), want)  # through the graph
+    torch.testing.assert_close(model(**unpadded).logits.detach(), want_unpadded)
 
 
-def test_a_model_moved_after_capture_is_refused():
-    # torch.export fixed the capture's device and dtypes in the graph (position ids, masks): a
-    # model moved afterwards failed inside the graph ("Tensor dtype mismatch", a device
-    # mismatch at Trainer's first step on a GPU). Now refused, naming the move and the fix.
-    model = llama()
-    gm = ldbfx.transform(model, example_kwargs=tokens())
-    ldbfx.install(model, gm)
-    model.to(torch.bfloat16)
-    with pytest.raises(ldbfx.LdbfxError, match=r"now on cpu in torch.bfloat16 \(captured on cpu in torch.float32\).*before ldbfx.transform"):
-        model(**tokens())
-    with pytest.raises(ldbfx.LdbfxError, match="are now on cpu in torch.bfloat16"):
-        from ldbfx.install import check_unchanged
-
-        check_unchanged(model, gm)  # what install and the Trainer callback run
-    model.to(torch.float32)
-    assert model(**tokens()).loss.requires_grad  # back where it was captured: runs
-    other = llama()
-    gm = ldbfx.transform(other, example_kwargs=tokens())
-    other.to("meta")
-    with pytest.raises(ldbfx.LdbfxError, match="now on meta"):
-        gm(**{k: v.to("meta") for k, v in tokens().items()})
-    fx = ldbfx.transform(torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)]))
-    fx.to(torch.float64)  # an FX graph follows the model: no refusal
-    assert fx(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
-
-
-def test_trainer_callback_refuses_data_parallel():
+def test_trainer_callback_refuses_data_parallel(tmp_path):
     # Trainer wraps a model in nn.DataParallel when one process sees several GPUs: the replicas
     # would all call the one installed forward over the first GPU's modules.
     from ldbfx.hf import LdbCallback
@@ -704,11 +696,14 @@ def test_trainer_callback_refuses_data_parallel():
     gm = ldbfx.transform(model, example_kwargs=tokens())
     ldbfx.install(model, gm)
     callback = LdbCallback(gm, ldbfx.LayerDropBack, kappa=1)
-    args = types.SimpleNamespace(n_gpu=2, parallel_mode=transformers.training_args.ParallelMode.NOT_DISTRIBUTED)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    assert args.n_gpu == 0  # sets the devices up; then as if this process saw two GPUs
+    args._n_gpu = 2
+    assert args.parallel_mode == transformers.training_args.ParallelMode.NOT_DISTRIBUTED  # Trainer's own reading
     state = transformers.TrainerState()
     with pytest.raises(ldbfx.LdbfxError, match="torchrun"):
         callback.on_train_begin(args, state, transformers.TrainerControl(), model=model)
-    args.parallel_mode = transformers.training_args.ParallelMode.DISTRIBUTED  # DDP: one GPU per process
+    args = types.SimpleNamespace(n_gpu=1, parallel_mode=transformers.training_args.ParallelMode.DISTRIBUTED)  # DDP: one GPU per process
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     callback.on_train_begin(args, state, transformers.TrainerControl(), model=model, optimizer=optimizer)
     assert callback.policy is not None
