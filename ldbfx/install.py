@@ -259,7 +259,9 @@ def routed_forward(model: nn.Module) -> _RoutedForward | None:
 def uninstall(model: nn.Module) -> None:
     """Restores ``model``'s own ``forward`` (and what :func:`install` changed). No-op if none.
 
-    The graph stays usable on its own (``gm(x)``); the model trains without ldbfx again.
+    The graph stays usable on its own (``gm(x)``); the model trains without ldbfx again. An
+    autocast wrapper that accelerate put around the installed forward (``Trainer(bf16=True)``)
+    goes with it: the next ``Trainer`` wraps the model again.
 
     Example:
         >>> import torch, ldbfx
