@@ -81,7 +81,7 @@ class _RoutedForward:
                 args, kwargs = (), _by_name(self.own.bind(*args, **kwargs))
             self.inputs.bind(*args, **kwargs)
         except TypeError as cause:
-            missing = "'labels'" in str(cause)  # "missing a required argument: 'labels'"
+            missing = "missing a required argument: 'labels'" in str(cause)  # inspect's wording
             raise LdbfxError(
                 f"model.forward was called with inputs {sorted(kwargs)} (+{len(args)} positional), "
                 f"which the captured graph cannot take ({cause}): the graph takes exactly the "

@@ -658,6 +658,9 @@ def test_positional_inputs_reach_the_inputs_they_name():
     with pytest.raises(ldbfx.LdbfxError, match="cannot take") as refused:
         model(inputs["input_ids"], num_items_in_batch=torch.tensor(2.0))  # no mask: not a labels hint
     assert "attention_mask" in str(refused.value) and "leaves out labels" not in str(refused.value)
+    with pytest.raises(ldbfx.LdbfxError, match="cannot take") as refused:  # labels it was not captured with
+        model(inputs["input_ids"], inputs["attention_mask"], labels=inputs["labels"], num_items_in_batch=torch.tensor(2.0))
+    assert "unexpected keyword argument 'labels'" in str(refused.value) and "leaves out labels" not in str(refused.value)
     ldbfx.uninstall(model)
     ldbfx.install(model, ldbfx.transform(model, example_kwargs=inputs))  # with labels
     with pytest.raises(ldbfx.LdbfxError, match="labels.*capture without them"):
