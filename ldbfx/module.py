@@ -328,8 +328,9 @@ def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     added = [n for n in now["modules"] if n not in then["modules"]]
     hooked = [n for n, hooks in now["hooks"].items()
               if n in then["hooks"] and not any(then["hooks"][n]) and any(hooks)]
+    exported = AUTOCAST_ATTR in gm.__dict__  # only torch.export graphs fix the device and dtypes
     moved = [n for n, place in then.get("placement", {}).items()
-             if AUTOCAST_ATTR in gm.__dict__ and now["placement"].get(n, place) != place]
+             if exported and now["placement"].get(n, place) != place]
     config = sorted(k for k in set(then["config"] or {}) | set(now["config"] or {})
                     if k not in _CONFIG_METADATA and (then["config"] or {}).get(k) != (now["config"] or {}).get(k))
     found = []
