@@ -18,6 +18,23 @@ mask is an integer tensor) or when both paths hold the same number of
 layers (``q * cos + rotate(q) * sin``: none; two parallel equal branches: ambiguous). Each
 branch's *block* is the module whose ``forward`` performs the add (``layer1.0``, ``blocks.3``).
 
+**Adapters are not branches.** Where both paths hold layers, the branch must also hold more
+parameter elements than the skip. A projection shortcut passes (``downsample(x) + f(x)``: one
+1x1 convolution against the block's convolutions); an adapter beside its base layer does not:
+LoRA's ``base_layer(x) + lora_B(lora_A(x)) * scaling`` has more layers on the adapter's path (2
+against 1) but far fewer parameters (``r * (d_in + d_out)`` against ``d_in * d_out``), and so
+have DoRA's, VeRA's and AdaLoRA's. An add whose skip path is a single layer and which lies inside
+another branch is no branch either, however heavy its other path (a LoRA of rank 128 on a
+896-to-128 key projection outweighs it). Such an add is part of one layer, and its layers stay inside
+the enclosing branch: a PEFT model has exactly its base model's branches (a decoder layer's
+attention and MLP), under the base model's names with PEFT's prefix
+(``base_model.model.model.layers.3.mlp``), and dropping one skips the backward of its frozen base
+layers and of its adapters alike. The rules read only the graph (which layers and parameters
+each path uses), not module names. DoRA without dropout adds to the base layer's output, which
+is then the common ancestor: the adapter's layers read the layer's input, outside both paths, so
+neither path holds a layer and the add is no branch by the first rule; with dropout, DoRA
+recomputes the base output from the input and the add is told apart as LoRA's is.
+
 **Adding what the rule misses.** ``ldbfx.transform(model, extra_branches=["blocks.2.fc1"])``
 names a layer inside each branch the rule does not find (a tie) or finds the wrong way round (a
 shortcut heavier than its branch). The first add in topological order that has the named layer
@@ -49,6 +66,7 @@ Example:
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -141,8 +159,10 @@ def _is_activation(node: fx.Node) -> bool:
     """Whether ``node`` can carry a gradient to an earlier activation (see the module doc)."""
     if node.op in ("get_attr", "output"):
         return False
-    val = node.meta.get("val", node.meta.get("example_value"))
-    if val is not None:  # torch.export: the fake value says what it is (split: a tuple)
+    if "val" in node.meta or "example_value" in node.meta:
+        # torch.export: the fake value says what it is (split: a tuple; None for a node that
+        # returns nothing, such as the _assert_tensor_metadata before a dtype cast)
+        val = node.meta.get("val", node.meta.get("example_value"))
         values = val if isinstance(val, (tuple, list)) else (val,)
         return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values)
     if node.op == "call_method" and node.target in _SHAPE_METHODS:
@@ -153,17 +173,32 @@ def _is_activation(node: fx.Node) -> bool:
     return True
 
 
+# torch.export names a module reached through a slice of a ModuleList (Llama's
+# ``self.layers[: num_hidden_layers]``) "layers.slice(None, 4, None).0" in some captures (PEFT's
+# VeRA); the module's own name is "layers.0".
+_SLICED = re.compile(r"\.slice\((None|\d+), (None|-?\d+), (None|1)\)\.(\d+)")
+
+
+def _unslice(match: re.Match) -> str:
+    start = 0 if match.group(1) == "None" else int(match.group(1))
+    return f".{start + int(match.group(4))}"
+
+
 def _block_of(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else None
+    return _SLICED.sub(_unslice, path) if isinstance(path, str) else None
 
 
 def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str] | None = None, *,
-                  strict: bool = True) -> list[BranchPlan]:
+                  sizes: dict[int, int] | None = None, strict: bool = True) -> list[BranchPlan]:
     """The residual adds of ``graph`` with their branch operand, in topological order.
+
+    ``sizes`` maps parameter ids to their element counts: where both operands' paths hold layers,
+    the branch must also hold more parameter elements than the skip (the adapter rule in the
+    module doc). Without it, layer counts alone decide.
 
     ``extra`` maps layer indices to the names the user gave them (``transform(extra_branches=)``):
     the first add in topological order with such a layer on one operand's path and not on the
@@ -178,14 +213,20 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str]
     # Ancestors along activation edges, as bitsets over node positions (Python ints).
     act = {node: _is_activation(node) for node in nodes}
     ancestors: dict[fx.Node, int] = {}
+    # Computations on parameters alone (no input among their ancestors): a gate's sigmoid, DoRA's
+    # weight norm and magnitude scale.
+    parameter_only: set[fx.Node] = set()
     for i, node in enumerate(nodes):
         bits = 1 << i
         if act[node]:
             for arg in node.all_input_nodes:
                 if act[arg]:
                     bits |= ancestors[arg]
+            if node.op != "placeholder" and all(a in parameter_only or not act[a] for a in node.all_input_nodes):
+                parameter_only.add(node)
         ancestors[node] = bits
     found = []
+    beside_one_layer: set[str] = set()  # adds whose skip path is one layer (see below)
     for add in nodes:
         if not _is_add(add) or not act[add]:
             continue
@@ -201,14 +242,26 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str]
             if act[node] and any(act[arg] and (reach >> position[arg]) & 1 for arg in node.all_input_nodes):
                 reach |= 1 << position[node]
 
-        def path_layers(operand: fx.Node) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        def path_layers(operand: fx.Node) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
             region = ancestors[operand] & reach & ~(1 << start)
-            # Computations on parameters alone that only the branch reads (a gate's sigmoid)
-            # belong to it: detaching the branch cuts their gradient too.
+            # Computations on parameters alone that only the branch reads belong to it: detaching
+            # the branch cuts their gradient too. Single ones (a gate's sigmoid) count for the
+            # rule; chains (DoRA's weight norm and magnitude scale, read from its base layer's
+            # output) join the branch only once the rule has decided, so that an adapter's
+            # parameters never make its add look like a residual (users come first in this
+            # reverse walk, so a chain joins whole).
             for i in range(position[add] - 1, -1, -1):
                 node = nodes[i]
-                if ancestors[node] == 1 << i and act[node] and node.op != "placeholder" and node.users \
+                if ancestors[node] == 1 << i and node in parameter_only and node.users \
                         and all((region >> position[u]) & 1 for u in node.users):
+                    region |= 1 << i
+            # A layer whose output is the block input is upstream of both paths, even where the
+            # branch reads its parameters again (DoRA subtracts its base layer's bias).
+            deciding = tuple(index for index, where in layer_nodes.items()
+                             if any((region >> w) & 1 for w in where) and start not in where)
+            for i in range(position[add] - 1, -1, -1):
+                node = nodes[i]
+                if node in parameter_only and node.users and all((region >> position[u]) & 1 for u in node.users):
                     region |= 1 << i
             touched = [index for index, where in layer_nodes.items()
                        if any((region >> w) & 1 for w in where)]
@@ -222,10 +275,10 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str]
                     leaky |= 1 << i
             inner = [index for index in touched
                      if all((region >> w) & 1 and not (leaky >> w) & 1 for w in layer_nodes[index])]
-            return region, tuple(touched), tuple(inner)
+            return region, tuple(touched), tuple(inner), deciding
 
-        region_a, layers_a, inner_a = path_layers(a)
-        region_b, layers_b, inner_b = path_layers(b)
+        region_a, layers_a, inner_a, deciding_a = path_layers(a)
+        region_b, layers_b, inner_b, deciding_b = path_layers(b)
         only_a = {i for i in layers_a if i in unbound and i not in layers_b}
         only_b = {i for i in layers_b if i in unbound and i not in layers_a}
         if only_a and only_b:
@@ -237,21 +290,35 @@ def plan_branches(graph: fx.Graph, plans: list[LayerPlan], extra: dict[int, str]
             operand = 0 if only_a else 1
             for i in only_a | only_b:
                 del unbound[i]
-        elif len(layers_a) == len(layers_b):
+        elif len(deciding_a) == len(deciding_b):
             continue
         else:
-            operand = 0 if len(layers_a) > len(layers_b) else 1
+            operand = 0 if len(deciding_a) > len(deciding_b) else 1
+            more, fewer = (deciding_a, deciding_b) if operand == 0 else (deciding_b, deciding_a)
+            if fewer and sizes is not None and _weight(more, plans, sizes) <= _weight(fewer, plans, sizes):
+                continue  # an adapter beside its base layer (W x + B A x): part of one layer
         region, layers, inner, skip = ((region_a, layers_a, inner_a, layers_b) if operand == 0
                                        else (region_b, layers_b, inner_b, layers_a))
         members = tuple(nodes[i].name for i in range(start + 1, position[add]) if (region >> i) & 1)
         found.append(BranchPlan(add.name, operand, nodes[start].name, members, _block_of(add), layers,
                                 inner, skip))
+        if not (only_a or only_b) and len(deciding_b if operand == 0 else deciding_a) == 1:
+            beside_one_layer.add(add.name)
+    # An add beside a single layer inside another branch is that layer reparametrised (a
+    # high-rank adapter, heavier than its base layer), not a residual of its own.
+    inside = {name for plan in found for name in plan.region}
+    found = [plan for plan in found if not (plan.add in beside_one_layer and plan.add in inside)]
     if unbound and strict:
         raise BranchNotFoundError(
             f"extra_branches: no residual add has {', '.join(repr(n) for n in unbound.values())} on one "
             "operand's path and not on the other's. Name a layer inside the branch of an add "
             "(x + f(x), torch.add, +=, alpha 1) that both operands reach from a common input")
     return found
+
+
+def _weight(layers: tuple[int, ...], plans: list[LayerPlan], sizes: dict[int, int]) -> int:
+    """Parameter elements of ``layers`` (a parameter shared by several counted once)."""
+    return sum(sizes.get(i, 0) for i in {i for index in layers for i in plans[index].param_ids})
 
 
 def _common_prefix(names: Iterable[str]) -> str:

@@ -18,19 +18,21 @@ The forward computation is unchanged op for op; the functions of :mod:`ldbfx.ops
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from . import ops
 from .branches import Branch, BranchNotFoundError, build_branches, insert_gates, plan_branches
-from .errors import NoEligibleLayerWarning
+from .errors import NoEligibleLayerWarning, TraceError
 from .handlers import GENERIC_PARAM, param_of
 from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
-from .module import MASK_ATTR, LdbGraphModule
+from .module import MASK_ATTR, STATE_ATTR, LdbGraphModule
 from .trace import trace_model
 
 __all__ = ["TransformConfig", "transform"]
@@ -228,6 +230,7 @@ def transform(
         raise TypeError(f"transform expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, LdbGraphModule):
         raise TypeError("this module was already transformed by ldbfx; transform the original model")
+    _refuse_quantized(model)
     if example_args is not None or example_kwargs is not None:
         fx_only = {"tracer_class": tracer_class, "tracer_kwargs": tracer_kwargs,
                    "leaf_modules": tuple(leaf_modules), "autowrap_functions": tuple(autowrap_functions),
@@ -251,12 +254,14 @@ def transform(
                           filter=config.filter)
     edges = layer_edges(traced.train_graph, plans)
     extra = _extra_branch_layers(config, layers)
-    branch_plans = plan_branches(traced.train_graph, plans, extra)
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    branch_plans = plan_branches(traced.train_graph, plans, extra, sizes=sizes)
     branch_records = build_branches(branch_plans, layers, keep_first_blocks=config.keep_first_blocks,
                                     keep_last_blocks=config.keep_last_blocks, filter=config.branch_filter)
     gated = [b.index if b.eligible else None for b in branch_records]
     _rewrite(traced.train_graph, model, plans, _index_by_position(plans))
     insert_gates(traced.train_graph, branch_plans, gated, model)
+    _tie_outputs(traced.train_graph)
     if traced.eval_graph is not None:
         layer_of_param = {i: index for index, plan in enumerate(plans) for i in plan.param_ids}
         eval_plans = plan_layers(traced.eval_graph, model)
@@ -264,7 +269,8 @@ def transform(
         # The same branch in the other mode's graph: the same layers inside (by parameters).
         by_layers = {b.layers: g for b, g in zip(branch_plans, gated) if g is not None}
         eval_extra = {i: extra[eval_index(p)] for i, p in enumerate(eval_plans) if eval_index(p) in extra}
-        eval_branches = plan_branches(traced.eval_graph, eval_plans, eval_extra, strict=False)
+        eval_branches = plan_branches(traced.eval_graph, eval_plans, eval_extra, sizes=sizes,
+                                      strict=False)
         eval_gated = [by_layers.get(tuple(eval_index(eval_plans[i]) for i in b.layers))
                       for b in eval_branches]
         _rewrite(traced.eval_graph, model, eval_plans, eval_index)
@@ -280,6 +286,37 @@ def transform(
     return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
                           edges, config, traced.attributes, branch_records,
                           tuple(b.inner for b in branch_plans))
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """Quantized base weights (QLoRA) are stored as integers (bitsandbytes' ``Params4bit``, uint8)
+    or as tensor subclasses (torchao's ``NF4Tensor``) that dequantize inside their own ops: no
+    handler of ldbfx knows them, and a capture would run their dequantization as plain ops."""
+    for name, p in model.named_parameters():
+        subclass = type(p.data) is not torch.Tensor and type(p.data).__name__ != "DTensor"
+        if not (p.is_floating_point() or p.is_complex()) or subclass:
+            raise TraceError(
+                f"parameter {name!r} holds quantized weights ({type(p).__name__}, {p.dtype}): ldbfx "
+                "captures and rewrites floating-point layers and cannot serve a quantized base "
+                "(QLoRA with bitsandbytes 4/8-bit or torchao NF4). Fine-tune the LoRA adapters on a "
+                "bf16 base (from_pretrained(..., dtype=torch.bfloat16), no quantization_config) with "
+                "ldbfx, or train the quantized model without ldbfx")
+
+
+def _tie_outputs(graph: fx.Graph) -> None:
+    """Passes the train graph's outputs through ``ops.reachable`` (see :mod:`ldbfx.ops.outputs`)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves: list[fx.Node] = []
+    fx.node.map_arg(output.args[0], lambda n: leaves.append(n) if n not in leaves else None)
+    if not leaves:
+        return
+    with graph.inserting_before(output):
+        state = graph.get_attr(STATE_ATTR)
+        tied = graph.call_function(ops.reachable, (state, *leaves))
+        items = {leaf: graph.call_function(operator.getitem, (tied, k)) for k, leaf in enumerate(leaves)}
+    for leaf, item in items.items():
+        item.meta.update({k: v for k, v in leaf.meta.items() if k in ("val", "tensor_meta")})
+    output.args = (fx.node.map_arg(output.args[0], items.__getitem__),)
 
 
 def _extra_branch_layers(config: TransformConfig, layers) -> dict[int, str]:

@@ -38,18 +38,19 @@ from .convs import conv
 from .embeddings import embedding
 from .gating import batch_norm, masked_param, module_call
 from .linears import addmm, linear, matmul
+from .outputs import reachable
 from .path import compiled_path, opaque_path
 from .rows import row_selection, rows_in_use
 
 __all__ = [
     "compiled_path", "opaque_path", "linear", "conv", "matmul", "addmm", "embedding", "masked_param", "batch_norm",
     "module_call", "multi_head_attention", "routed_call", "row_selection", "rows_in_use", "branch",
-    "branch_start",
+    "branch_start", "reachable",
 ]
 
 # The rewritten graph's code names these functions by module: keep them ``ldbfx.ops.<name>``
 # (``gm.code`` reads ``ldbfx_ops_conv(...)``), wherever they are defined.
 for _fn in (linear, conv, matmul, addmm, embedding, masked_param, batch_norm, module_call, multi_head_attention,
-            routed_call, branch, branch_start):
+            routed_call, branch, branch_start, reachable):
     _fn.__module__ = __name__
 del _fn

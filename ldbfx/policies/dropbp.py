@@ -28,7 +28,7 @@ import torch
 
 from ..branches import branches as _branches
 from ..branches import set_dropped_branches
-from .ldb import check_saved_settings, draw_dropped, restrict_to
+from .ldb import check_saved_settings, draw_dropped, restrict_to, trainable_layers
 
 __all__ = ["DropBP", "allocate_rates"]
 
@@ -56,6 +56,21 @@ def allocate_rates(sensitivity: list[float], flops: list[int], target: float, *,
         if used[i] < levels:
             heapq.heappush(heap, (cost, i))
     return rates
+
+
+def _averaged_over_ranks(sensitivity: list[float], flops: list[int]) -> tuple[list[float], list[int]]:
+    """Under ``torch.distributed``, every rank's measurements averaged (one all-reduce), so each
+    rank allocates the same rates from its own batch and draws the same masks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sensitivity, flops
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([*sensitivity, *flops], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    values = (values / dist.get_world_size()).tolist()
+    n = len(sensitivity)
+    return values[:n], [int(round(f)) for f in values[n:]]
 
 
 class DropBP:
@@ -131,7 +146,11 @@ class DropBP:
         self._generator = torch.Generator().manual_seed(seed)
         self.epoch: int | None = None
         self._dropped: tuple[int, ...] = ()
-        self._counts = {"steps": 0, "branch_draws": 0, "branches_dropped": 0}
+        self._counts = {"steps": 0, "branch_draws": 0, "branches_dropped": 0, "steps_nothing_trained": 0}
+        # Bitsets over layers: those that train, and those each branch's drop leaves without a
+        # gradient. A draw covering every trainable layer trains nothing (counted in stats).
+        self._trainable = trainable_layers(gm)
+        self._cuts = {i: sum(1 << k for k in gm.ldbfx_state.branch_layers[i]) for i in self._candidates}
 
     # -- rates --------------------------------------------------------------------------------
     @property
@@ -145,7 +164,10 @@ class DropBP:
         Runs ``closure`` (forward of one batch, returning the loss) once with full backprop and
         once per candidate branch with that branch alone dropped, and differentiates each loss
         with ``torch.autograd.grad``: parameters' ``.grad`` and the optimizer are untouched. The
-        policy's current drops are restored afterwards.
+        policy's current drops are restored afterwards. Under ``torch.distributed`` the
+        measurements are averaged over the ranks (one all-reduce: call it on every rank), so
+        every rank gets the same rates. :class:`ldbfx.hf.LdbCallback` calls it from a Trainer
+        batch (``allocation="sensitivity"``, ``allocate_at``).
 
         Args:
             closure: computes the loss on a fixed batch (put the model in train mode first).
@@ -191,6 +213,7 @@ class DropBP:
             with torch.no_grad():
                 for name, b in self.gm.named_buffers():
                     b.copy_(buffers[name])
+        sensitivity, flops = _averaged_over_ranks(sensitivity, flops)
         names = [self._records[i].name for i in self._candidates]
         self.sensitivity = dict(zip(names, sensitivity))
         self.flops = dict(zip(names, flops))
@@ -220,6 +243,12 @@ class DropBP:
         self._counts["steps"] += 1
         self._counts["branch_draws"] += len(self._candidates)
         self._counts["branches_dropped"] += len(self._dropped)
+        if self._dropped:
+            cut = 0
+            for i in self._dropped:  # OR, not a sum: nested branches (extra_branches) overlap
+                cut |= self._cuts[i]
+            if not self._trainable & ~cut:
+                self._counts["steps_nothing_trained"] += 1  # the backward reached no trainable parameter
         self._apply(self._draw())
 
     def end_epoch(self) -> None:
@@ -243,7 +272,9 @@ class DropBP:
     @property
     def stats(self) -> dict[str, float | int | str]:
         """Configured and actual drop rate and steps so far (and the expected FLOP-weighted rate
-        once :meth:`allocate` has counted FLOPs)."""
+        once :meth:`allocate` has counted FLOPs). ``steps_nothing_trained`` counts the steps whose
+        drops left no trainable parameter a gradient (every eligible branch dropped while the
+        kept blocks train nothing): their backward ran and the optimizer updated nothing."""
         draws = self._counts["branch_draws"]
         result: dict[str, Any] = {
             "drop_rate": self.drop_rate, "allocation": self.allocation,
@@ -281,7 +312,7 @@ class DropBP:
         self._rates = torch.tensor(state["rates"], dtype=torch.float32)
         self.allocation, self.sensitivity, self.flops = state["allocation"], state["sensitivity"], state["flops"]
         self._generator.set_state(state["generator"])
-        self._counts = dict(state["counts"])
+        self._counts = {"steps_nothing_trained": 0, **state["counts"]}  # older states lack it
         self._apply(tuple(state["dropped"]))
 
     def remove(self) -> None:

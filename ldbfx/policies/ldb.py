@@ -46,6 +46,12 @@ def draw_dropped(generator: torch.Generator, candidates: tuple[int, ...],
     return tuple(candidates[i] for i in chosen.tolist())  # Python work: O(dropped)
 
 
+def trainable_layers(gm) -> int:
+    """The layers with a parameter that needs a gradient now, as a bitset over layer indices."""
+    state = gm.ldbfx_state
+    return sum(1 << i for i in range(len(state.param_refs)) if any(p.requires_grad for p in state.params(i)))
+
+
 def restrict_to(eligible: dict[str, Any], names: Iterable[str] | None, what: str) -> dict[str, Any]:
     """``eligible`` (name -> record) restricted to ``names`` (None: all), refusing unknown names."""
     if names is None:
@@ -149,7 +155,9 @@ class LayerDropBack:
         self.epoch: int | None = None
         self.dropping = False
         self._dropped: tuple[int, ...] = ()
-        self._counts = {"steps_full": 0, "steps_drop": 0, "layer_draws": 0, "layers_dropped": 0}
+        self._counts = {"steps_full": 0, "steps_drop": 0, "layer_draws": 0, "layers_dropped": 0,
+                        "steps_nothing_trained": 0}
+        self._trainable = trainable_layers(gm)  # a draw of all of them trains nothing (stats)
         self._saved_lrs: list[Any] | None = None
         self._hooks = []
         if optimizer is not None:
@@ -197,6 +205,8 @@ class LayerDropBack:
             self._counts["steps_drop"] += 1
             self._counts["layer_draws"] += len(self._candidates)
             self._counts["layers_dropped"] += len(self._dropped)
+            if self._dropped and not self._trainable & ~sum(1 << i for i in self._dropped):
+                self._counts["steps_nothing_trained"] += 1
             if self.resample == "step":
                 self._apply(draw_dropped(self._generator, self._candidates, self.drop_rate))
         else:
@@ -223,7 +233,9 @@ class LayerDropBack:
 
     @property
     def stats(self) -> dict[str, float | int]:
-        """Configured and actual drop rate, and steps per mode so far."""
+        """Configured and actual drop rate, and steps per mode so far. ``steps_nothing_trained``
+        counts the DROP steps whose draw held every trainable layer: their backward ran and the
+        optimizer updated nothing."""
         draws = self._counts["layer_draws"]
         return {
             "drop_rate": self.drop_rate,
@@ -251,7 +263,7 @@ class LayerDropBack:
         check_saved_settings("LayerDropBack", state["config"], self._settings())
         self.epoch, self.dropping = state["epoch"], state["dropping"]
         self._generator.set_state(state["generator"])
-        self._counts = dict(state["counts"])
+        self._counts = {"steps_nothing_trained": 0, **state["counts"]}  # older states lack it
         self._apply(tuple(state["dropped"]))
 
     def remove(self) -> None:
