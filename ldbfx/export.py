@@ -59,6 +59,16 @@ def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str
     return {name: pytree.tree_map(leaf, value) for name, value in bound.items()}
 
 
+def _configs_with_cache(model: nn.Module) -> list[Any]:
+    """The distinct Hugging Face configs of ``model``'s modules that ask for a KV cache."""
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if getattr(config, "use_cache", None) is True:
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
 def _cloned(value: Any) -> Any:
     """Clones every tensor leaf, so no two inputs alias (export would merge them into one)."""
     return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, value)
@@ -73,7 +83,7 @@ def _export_error(model: nn.Module, cause: Exception) -> TraceError:
     ]
     if "Cache" in text and "pytree" in text:
         fixes.insert(0, ("the model returns a key/value cache, which is for generation, not training: "
-                         "set model.config.use_cache = False (or pass use_cache=False in the example)"))
+                         "leave use_cache out of the example batch (ldbfx then captures without a cache)"))
     first = text.splitlines()[0] if text else type(cause).__name__
     return TraceError(
         f"torch.export could not capture {type(model).__qualname__}: {first[:500]}\n"
@@ -180,7 +190,12 @@ def export_model(
             "once while capturing and the graph never runs them again. Remove the hooks before "
             "ldbfx.transform (with an example batch, every module is inlined)")
     modes = [(m, m.training) for m in model.modules()]
+    # A training graph never returns a key/value cache (it is for generation), and returning one
+    # fails the capture: capture without it, leaving the user's config as it is.
+    caches = [] if "use_cache" in kwargs else _configs_with_cache(model)
     try:
+        for config in caches:
+            config.use_cache = False
         model.train()
         train = _export_one(model, args, kwargs, dynamic_shapes)
         model.eval()
@@ -188,6 +203,8 @@ def export_model(
     finally:
         for module, mode in modes:
             module.training = mode
+        for config in caches:
+            config.use_cache = True
     owned = _owned(model, train, "_ldbfx_train")
     eval_owned = _owned(model, evaluation, "_ldbfx_eval")
     same = _code(train, "_ldbfx_train") == _code(evaluation, "_ldbfx_eval")

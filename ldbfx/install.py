@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from .errors import LdbfxError
 from .module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
 
-__all__ = ["install", "uninstall", "installed"]
+__all__ = ["install", "install_on_first_call", "uninstall", "installed"]
 
 
 class _RoutedForward:
@@ -68,6 +69,9 @@ class _RoutedForward:
         # the graph's inputs (or takes them in **kwargs: num_items_in_batch); otherwise (a forward
         # with *args) they go in the graph's order.
         self.own = own
+        #: Run once, eagerly, with the next training call's inputs before ``gm`` computes it (the
+        #: Trainer callback's sensitivity allocation uses it): ``before_call(args, kwargs)``.
+        self.before_call = None
         self.by_name = (all(name in own.parameters or var_keyword for name in self.inputs.parameters)
                         and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in own.parameters.values()))
         self.__name__ = self.__qualname__ = "forward"
@@ -103,7 +107,21 @@ class _RoutedForward:
         # gm is its own root module: model.train()/eval() set the shared children's flags but
         # not gm's, which picks the train or eval graph. Follow the model's mode.
         self.gm.training = self.model.training
-        return self.gm(*args, **kwargs)
+        if self.before_call is not None:
+            _run_once(self, args, kwargs)
+        if torch.compiler.is_compiling():
+            return self.gm(*args, **kwargs)
+        try:
+            return self.gm(*args, **kwargs)
+        except AssertionError as cause:  # torch.export's input guards
+            if not str(cause).startswith("Guard failed"):
+                raise
+            raise LdbfxError(
+                f"this batch is outside the shapes the graph was captured for ({cause}): capture "
+                "with dynamic_shapes='auto' (the default; LdbCallback(policy, dynamic_shapes=...) "
+                "passes it on) from an example whose dimensions are not 1 (export fixes a size-1 "
+                "dimension), or give every batch the example's shapes (Trainer: "
+                "dataloader_drop_last=True and padding to one length)") from None
 
     def __deepcopy__(self, memo):  # a copied model routes to a copy of gm over its own modules
         return _RoutedForward(copy.deepcopy(self.gm, memo), copy.deepcopy(self.original, memo),
@@ -114,6 +132,14 @@ class _RoutedForward:
             "a model with an ldbfx graph installed cannot be pickled (torch.save(model)): save "
             "model.state_dict() or model.save_pretrained(...), which hold the same weights, or "
             "ldbfx.uninstall(model) first")
+
+
+@torch._dynamo.disable
+def _run_once(routed: _RoutedForward, args: tuple, kwargs: dict) -> None:
+    # Outside any compiled graph: under torch.compile, arming it costs one recompile, and the
+    # cached graph for "nothing armed" serves again after.
+    hook, routed.before_call = routed.before_call, None
+    hook(args, kwargs)
 
 
 def _by_name(bound: inspect.BoundArguments) -> dict[str, Any]:
@@ -185,7 +211,7 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     """
     if not isinstance(gm, LdbGraphModule):
         raise TypeError(f"install expects the module returned by ldbfx.transform, got {type(gm).__name__}")
-    if installed(model) is not None:
+    if "_ldbfx_installed" in model.__dict__:
         raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
     if captured_from(gm, model):
         check_unchanged(model, gm)  # say what changed since, before "another model's graph"
@@ -194,21 +220,149 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
     routed = _RoutedForward(gm, model.forward, model)
+    _refuse_unpassed_loss_kwargs(model, routed)
+    saved = {"forward": model.__dict__.get("forward")}
+    model.forward = routed
+    _route(model, gm, routed, saved)
+    return model
+
+
+def _refuse_unpassed_loss_kwargs(model: nn.Module, routed: _RoutedForward) -> None:
     if routed.takes_loss_kwargs and not routed.plain_takes_loss_kwargs:
         raise LdbfxError(
             f"the example batch has num_items_in_batch, but {type(model).__name__} takes no loss "
             "kwargs (accepts_loss_kwargs is False, or forward has no **kwargs), so Trainer never "
             "passes it and leaves the loss of an accumulated step to itself: capture without it")
-    saved = {"forward": model.__dict__.get("forward"), "train": model.__dict__.get("train")}
-    model.forward = routed
+
+
+def _route(model: nn.Module, gm: LdbGraphModule, routed: _RoutedForward, saved: dict[str, Any]) -> None:
+    """What :func:`install` changes on ``model`` besides ``forward``, recorded in ``saved`` for
+    :func:`uninstall`."""
     for name in _CHECKPOINTING:
         model.__dict__[name] = _refuse_checkpointing
     # model.train()/eval() set the modes of gm's modules without gm knowing: an exported graph
     # checks them at its next call (a pass over the modules, as train() itself makes).
+    saved.setdefault("train", model.__dict__.get("train"))
     model.__dict__["train"] = functools.partial(_train_and_check, model, gm)
     for target in _loss_kwargs_targets(model):  # what Trainer reads before the signature
         saved.setdefault("accepts_loss_kwargs", []).append((target, target.__dict__.get("accepts_loss_kwargs")))
         target.__dict__["accepts_loss_kwargs"] = routed.takes_loss_kwargs
+    model.__dict__["_ldbfx_installed"] = saved
+
+
+class _CapturingForward:
+    """The installed ``forward`` of :func:`install_on_first_call`. Armed, the first call with
+    gradients captures the model from its own inputs and ``gm`` runs from then on; disarmed (and
+    without gradients), the model's own forward runs."""
+
+    def __init__(self, model: nn.Module, on_capture: Callable[[LdbGraphModule], None], options: dict[str, Any]):
+        self.model, self.original = model, model.forward
+        self.on_capture, self.options = on_capture, options
+        self.armed = True
+        self.routed: _RoutedForward | None = None
+        try:  # what Trainer reads to choose the columns it keeps: the model's own inputs
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):
+            pass
+        self.__name__ = self.__qualname__ = "forward"
+        self.__doc__ = getattr(self.original, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        routed = self.routed
+        if routed is not None:
+            return routed(*args, **kwargs)
+        if not (self.armed and torch.is_grad_enabled()):
+            return self.original(*args, **kwargs)
+        return _capture_now(self, args, kwargs)
+
+    def disarm(self) -> None:
+        """Back to the model's own forward (what the capture routed undone), until armed again;
+        the next armed call captures afresh."""
+        if self.routed is not None:
+            _unroute(self.model, self.model.__dict__["_ldbfx_installed"])
+            self.routed = None
+        self.armed = False
+
+    def __reduce__(self):
+        raise LdbfxError(
+            "a model that ldbfx captures on its first training call cannot be pickled or copied "
+            "(torch.save(model), copy.deepcopy): save model.state_dict() or model.save_pretrained(...), "
+            "or ldbfx.uninstall(model) first")
+
+
+@torch._dynamo.disable
+def _capture_now(capturing: _CapturingForward, args: tuple, kwargs: dict):
+    # Eager, also under torch.compile (Trainer(torch_compile=True)): the compiled caller breaks
+    # its graph here once, and traces through gm's graph from the next call on.
+    from .rewrite import transform
+
+    model = capturing.model
+    items = kwargs.get("num_items_in_batch")
+    example = kwargs
+    if items is not None and not (isinstance(items, torch.Tensor) and items.is_floating_point()):
+        # Trainer hands an int or a float; the graph must take any count without recompiling.
+        device = next((v.device for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        example = {**kwargs, "num_items_in_batch": torch.tensor(float(items), device=device)}
+    # torch.export calls the model's own forward: the installed one (and accelerate's autocast
+    # wrapper over it, whose autocast is in effect now) step aside while it does.
+    hidden = {k: model.__dict__.pop(k) for k in ("forward", "_original_forward") if k in model.__dict__}
+    try:
+        gm = transform(model, example_args=args, example_kwargs=example, **capturing.options)
+    finally:
+        model.__dict__.update(hidden)
+    routed = _RoutedForward(gm, capturing.original, model)
+    _refuse_unpassed_loss_kwargs(model, routed)
+    _route(model, gm, routed, model.__dict__["_ldbfx_installed"])
+    capturing.routed = routed
+    try:
+        capturing.on_capture(gm)
+    except BaseException:
+        capturing.disarm()  # the model's own forward again, not a graph without its policy
+        raise
+    return routed(*args, **kwargs)
+
+
+def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule], None],
+                          **transform_options: Any) -> nn.Module:
+    """Like :func:`install`, but captures ``model`` from its first call with gradients on.
+
+    That call's inputs are the example batch (``ldbfx.transform(model, example_args=...,
+    example_kwargs=..., **transform_options)``, under the autocast and on the device of that
+    call; ``num_items_in_batch`` is captured as a float tensor, so the count stays an input);
+    ``on_capture(gm)`` runs right after, and the model trains through ``gm`` from that call on.
+    For callers that never see a batch before training (:class:`ldbfx.hf.LdbCallback`).
+    :func:`uninstall` removes it, captured or not.
+
+    Args:
+        model: the model to capture and train through the graph.
+        on_capture: called with the transformed module once it exists; if it raises, the model
+            keeps its own forward and the error propagates.
+        **transform_options: :func:`ldbfx.transform`'s options (``keep_first_blocks``...).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        LdbfxError: a graph is already installed on ``model``.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> from ldbfx.install import install_on_first_call
+        >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+        >>> graphs = []
+        >>> _ = install_on_first_call(model, graphs.append)
+        >>> model(torch.randn(2, 4)).sum().backward()       # captured now, then run through gm
+        >>> ldbfx.installed(model) is graphs[0]
+        True
+        >>> ldbfx.uninstall(model)
+    """
+    if "_ldbfx_installed" in model.__dict__:
+        raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
+    capturing = _CapturingForward(model, on_capture, transform_options)
+    saved = {"forward": model.__dict__.get("forward")}
+    model.forward = capturing
+    for name in _CHECKPOINTING:
+        model.__dict__[name] = _refuse_checkpointing
     model.__dict__["_ldbfx_installed"] = saved
     return model
 
@@ -247,9 +401,21 @@ def installed(model: nn.Module) -> LdbGraphModule | None:
     return None if routed is None else routed.gm
 
 
+def capturing_forward(model: nn.Module) -> _CapturingForward | None:
+    """The forward :func:`install_on_first_call` installed (beneath accelerate's wrapper too)."""
+    for forward in (model.__dict__.get("forward"), model.__dict__.get("_original_forward")):
+        if isinstance(forward, _CapturingForward):
+            return forward
+    return None
+
+
 def routed_forward(model: nn.Module) -> _RoutedForward | None:
     """The installed forward, also where accelerate wrapped it for mixed precision
-    (``Trainer(bf16=True)`` keeps it as ``model._original_forward``)."""
+    (``Trainer(bf16=True)`` keeps it as ``model._original_forward``), and once an
+    :func:`install_on_first_call` capture took place."""
+    capturing = capturing_forward(model)
+    if capturing is not None:
+        return capturing.routed
     for forward in (model.__dict__.get("forward"), model.__dict__.get("_original_forward")):
         if isinstance(forward, _RoutedForward):
             return forward
@@ -279,15 +445,22 @@ def uninstall(model: nn.Module) -> None:
     model.__dict__.pop("forward", None)
     if saved["forward"] is not None:
         model.__dict__["forward"] = saved["forward"]
-    if isinstance(model.__dict__.get("_original_forward"), _RoutedForward):
+    if isinstance(model.__dict__.get("_original_forward"), (_RoutedForward, _CapturingForward)):
         # accelerate's mixed-precision wrapper (Trainer(bf16=True)) kept it there; dropped with it
         del model.__dict__["_original_forward"]
     for name in _CHECKPOINTING:
         model.__dict__.pop(name, None)
-    model.__dict__.pop("train", None)
-    if saved.get("train") is not None:
-        model.__dict__["train"] = saved["train"]
-    for target, value in saved.get("accepts_loss_kwargs", []):
+    _unroute(model, saved)
+
+
+def _unroute(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Undoes what :func:`_route` changed (``saved`` then no longer holds it)."""
+    if "train" in saved:
+        model.__dict__.pop("train", None)
+        train = saved.pop("train")
+        if train is not None:
+            model.__dict__["train"] = train
+    for target, value in saved.pop("accepts_loss_kwargs", []):
         target.__dict__.pop("accepts_loss_kwargs", None)
         if value is not None:
             target.__dict__["accepts_loss_kwargs"] = value

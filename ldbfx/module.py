@@ -291,8 +291,10 @@ def _autocast_error(captured: tuple) -> LdbfxError:
         "(for Hugging Face's Trainer(bf16=True) too)")
 
 
-# Config entries save_pretrained and from_pretrained write, which no forward reads.
-_CONFIG_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash"}
+# Config entries save_pretrained and from_pretrained write, which no forward reads, and use_cache,
+# which the capture turns off for the training graph whatever the config says (ldbfx/export.py).
+_CONFIG_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash",
+                    "use_cache"}
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 

@@ -237,11 +237,24 @@ def _checkpointing_switches(model):
     return [getattr(model, name) for name in names if hasattr(model, name)]
 
 
-def test_export_errors_name_the_fix():
+def test_a_model_with_use_cache_on_is_captured_without_a_cache_and_keeps_its_config():
+    # A training graph returns no cache: the capture turns it off and restores the user's config.
     model = llama()
-    model.config.use_cache = True  # returns a DynamicCache, which export cannot return
-    with pytest.raises(ldbfx.TraceError, match="use_cache = False"):
-        ldbfx.transform(model, example_kwargs=tokens())
+    model.config.use_cache = True  # a DynamicCache, which export cannot return
+    gm = ldbfx.transform(model, example_kwargs=tokens())
+    assert model.config.use_cache is True
+    out = gm(**tokens())
+    assert getattr(out, "past_key_values", None) is None
+    ldbfx.install(model, gm)  # not "config values changed: use_cache"
+    model.config.use_cache = False
+    from ldbfx.install import check_unchanged
+    check_unchanged(model, gm)  # toggling it afterwards changes nothing the graph computes
+    ldbfx.uninstall(model)
+    with pytest.raises(ldbfx.TraceError, match="use_cache out of the example batch"):
+        ldbfx.transform(llama(), example_kwargs={**tokens(), "use_cache": True})
+
+
+def test_export_errors_name_the_fix():
     model = llama()
     _checkpointing_switches(model)[0]()
     with pytest.raises(ldbfx.TraceError, match=r"activation_checkpointing_disable\(\) \(gradient_checkpointing_disable"):
@@ -782,4 +795,7 @@ def test_the_trainer_example_runs(capsys):
     example = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
     runpy.run_path(str(example), run_name="__main__")
     out = capsys.readouterr().out
-    assert "'steps_drop': 12" in out  # epochs 2 of 0-3 is the DROP epoch (period 2): 12 steps
+    assert "'steps': 48" in out  # 4 epochs of 12 steps, each drawing a mask
+    # The base model's branches under PEFT's names: layers 1 and 2 (the first and last are kept).
+    assert "branches: ['base_model.model.model.layers.1.self_attn', 'base_model.model.model.layers.1.mlp', " \
+           "'base_model.model.model.layers.2.self_attn', 'base_model.model.model.layers.2.mlp']" in out
