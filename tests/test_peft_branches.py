@@ -63,7 +63,7 @@ def base_branches():
     return found
 
 
-@pytest.mark.parametrize("family, adapter", [("llama", a) for a in ADAPTERS if a != "lora-dropout"]
+@pytest.mark.parametrize("family, adapter", [("llama", a) for a in ADAPTERS if a not in ("lora", "lora-dropout")]
                          + [("qwen2", "lora-dropout"), ("qwen2", "dora")])  # Qwen2: biases on q, k, v
 def test_adapters_leave_the_base_models_branches(family, adapter, base_branches):
     model = lora_model(family, adapter)
@@ -252,14 +252,6 @@ def test_policies_count_the_steps_that_trained_nothing():
     policy.start_epoch(0)
     count = _steps_dropping_everything(policy, gm, inputs, optimizer, lambda p: len(p.dropped) == candidates)
     assert 0 < count < 10 and policy.stats["steps_nothing_trained"] == count
-    # A full LoRA model keeps training in its first and last blocks: never counted.
-    model = lora_model()
-    gm = ldbfx.transform(model, example_kwargs=inputs)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    policy = ldbfx.DropBP(gm, optimizer, drop_rate=0.8, seed=3)
-    policy.start_epoch(0)
-    _steps_dropping_everything(policy, gm, inputs, optimizer, lambda p: False, steps=6)
-    assert policy.stats["steps_nothing_trained"] == 0 and policy.stats["branches_dropped"] > 0
 
 
 def test_layer_dropback_counts_the_steps_that_trained_nothing():
