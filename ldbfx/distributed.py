@@ -45,7 +45,8 @@ from .errors import LdbfxError
 from .mask import _check
 from .module import LdbGraphModule
 
-__all__ = ["dense_gradients", "check_masks", "broadcast_seed", "skip_dropped_allreduce", "AllReduceStats"]
+__all__ = ["dense_gradients", "check_masks", "broadcast_seed", "mean_over_ranks", "skip_dropped_allreduce",
+           "AllReduceStats"]
 
 
 def dense_gradients(gm, enabled: bool = True) -> None:
@@ -82,6 +83,23 @@ def broadcast_seed(seed: int | None = None, src: int = 0, group=None) -> int:
     value = torch.tensor([seed], dtype=torch.int64, device=_collective_device(group))
     torch.distributed.broadcast(value, src=src, group=group)
     return int(value.item())
+
+
+def mean_over_ranks(values: list[float], group=None) -> list[float]:
+    """The mean of ``values`` over the ranks (one all-reduce; call it on every rank), or
+    ``values`` as they are without a process group of more than one rank.
+
+    Example:
+        >>> import ldbfx
+        >>> ldbfx.distributed.mean_over_ranks([1.0, 2.0])   # one process: unchanged
+        [1.0, 2.0]
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(total, group=group)
+    return (total / dist.get_world_size(group)).tolist()
 
 
 def _mask_digest(state) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from ..branches import branches as _branches
 from ..branches import set_dropped_branches
+from ..distributed import mean_over_ranks
 from .ldb import check_saved_settings, draw_dropped, restrict_to, trainable_layers
 
 __all__ = ["DropBP", "allocate_rates"]
@@ -56,21 +57,6 @@ def allocate_rates(sensitivity: list[float], flops: list[int], target: float, *,
         if used[i] < levels:
             heapq.heappush(heap, (cost, i))
     return rates
-
-
-def _averaged_over_ranks(sensitivity: list[float], flops: list[int]) -> tuple[list[float], list[int]]:
-    """Under ``torch.distributed``, every rank's measurements averaged (one all-reduce), so each
-    rank allocates the same rates from its own batch and draws the same masks."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sensitivity, flops
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([*sensitivity, *flops], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    values = (values / dist.get_world_size()).tolist()
-    n = len(sensitivity)
-    return values[:n], [int(round(f)) for f in values[n:]]
 
 
 class DropBP:
@@ -213,7 +199,9 @@ class DropBP:
             with torch.no_grad():
                 for name, b in self.gm.named_buffers():
                     b.copy_(buffers[name])
-        sensitivity, flops = _averaged_over_ranks(sensitivity, flops)
+        # Each rank measured its own batch: the mean gives every rank the same rates and masks.
+        averaged = mean_over_ranks([*sensitivity, *flops])
+        sensitivity, flops = averaged[:len(sensitivity)], [int(round(f)) for f in averaged[len(sensitivity):]]
         names = [self._records[i].name for i in self._candidates]
         self.sensitivity = dict(zip(names, sensitivity))
         self.flops = dict(zip(names, flops))
