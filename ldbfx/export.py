@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 from .errors import TraceError
 from .handlers import has_hooks
 from .module import AUTOCAST_ATTR, autocast_state
-from .trace import TracedModel, _refuse_global_hooks
+from .trace import TracedModel, CheckpointCalled, _refuse_global_hooks, checkpoint_error, no_checkpoint
 
 __all__ = ["export_model", "auto_dynamic_shapes"]
 
@@ -92,7 +92,10 @@ def _export_error(model: nn.Module, cause: Exception) -> TraceError:
 
 def _export_one(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> fx.GraphModule:
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        with no_checkpoint():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except CheckpointCalled as called:
+        raise checkpoint_error(model, called) from None
     except Exception as cause:  # export raises many types; all mean "not capturable as given"
         raise _export_error(model, cause) from cause
     module = program.module()

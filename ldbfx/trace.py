@@ -15,6 +15,8 @@ Two of them matter for an exact copy of a model:
 
 from __future__ import annotations
 
+import functools
+
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -86,19 +88,25 @@ class TracedModel:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-class _CheckpointCalled(Exception):
-    """Raised while tracing when ``forward`` calls ``torch.utils.checkpoint``."""
+class CheckpointCalled(Exception):
+    """Raised while capturing when ``forward`` calls ``torch.utils.checkpoint``."""
+
+    def __init__(self, function: Any):
+        super().__init__()
+        self.function = function
 
 
-def _refuse_checkpoint(*args, **kwargs):
-    raise _CheckpointCalled
+def _refuse_checkpoint(function, *args, **kwargs):
+    raise CheckpointCalled(function)
 
 
-class _no_checkpoint:
-    """While tracing, ``torch.utils.checkpoint.checkpoint`` (and ``checkpoint_sequential``, which
-    calls it) raises: tracing would inline the checkpointed function and silently keep all of its
-    activations. ``checkpoint`` looks its implementation up in its own module, so patching that
-    one name catches every import style (``from torch.utils.checkpoint import checkpoint``)."""
+class no_checkpoint:
+    """While capturing, ``torch.utils.checkpoint.checkpoint`` (and what calls it:
+    ``checkpoint_sequential``, ``checkpoint_wrapper``, Hugging Face's gradient checkpointing)
+    raises: torch.fx and torch.export would both inline the checkpointed function and silently
+    keep all of its activations. ``checkpoint`` looks its implementation up in its own module, so
+    patching that one name catches every import style (``from torch.utils.checkpoint import
+    checkpoint``, a ``functools.partial`` bound before the capture)."""
 
     def __enter__(self):
         import torch.utils.checkpoint as ckpt
@@ -110,21 +118,39 @@ class _no_checkpoint:
         self._module._checkpoint_impl = self._impl
 
 
+def checkpoint_error(model: nn.Module, called: CheckpointCalled, caller: str | None = None) -> TraceError:
+    """The refusal of a forward that calls ``torch.utils.checkpoint``: names the calling module
+    (``caller``, known to the FX tracer) or else the checkpointed one, when the function is a
+    module's (the module, its bound ``forward`` or a partial of them)."""
+    function = called.function
+    while isinstance(function, functools.partial):
+        function = function.func
+    owner = function if isinstance(function, nn.Module) else getattr(function, "__self__", None)
+    name = next((n for n, m in model.named_modules() if m is owner), None) if isinstance(owner, nn.Module) else None
+    if caller:
+        location = f"{caller} calls torch.utils.checkpoint"
+    elif name is not None:
+        location = f"module '{name or type(owner).__qualname__}' ({type(owner).__qualname__}) is checkpointed"
+    else:
+        location = f"{type(model).__qualname__}.forward calls torch.utils.checkpoint"
+    return TraceError(
+        f"{location}: a captured graph would inline the checkpointed "
+        "code and keep all of its activations (memory would silently grow). Turn activation "
+        "checkpointing off before ldbfx.transform (timm: model.set_grad_checkpointing(False); "
+        "Hugging Face: model.activation_checkpointing_disable(), gradient_checkpointing_disable() in "
+        "older transformers; or remove checkpoint_wrapper / torch.utils.checkpoint), or, on the FX "
+        "path, make the module that calls it a leaf: leaf_modules=[...] (it then trains as one "
+        "gated layer, without savings)")
+
+
 def _trace_one(model: nn.Module, tracer: fx.Tracer, concrete_args: dict[str, Any] | None) -> fx.Graph:
     try:
-        with _no_checkpoint():
+        with no_checkpoint():
             return tracer.trace(model, concrete_args=concrete_args)
-    except _CheckpointCalled:
+    except CheckpointCalled as called:
         where = getattr(tracer, "failed_module", None)
-        location = f"module '{where[0]}' ({where[1]})" if where and where[0] else f"{type(model).__qualname__}.forward"
-        raise TraceError(
-            f"{location} calls torch.utils.checkpoint: a traced graph would inline the checkpointed "
-            "code and keep all of its activations (memory would silently grow). Turn activation "
-            "checkpointing off before ldbfx.transform (timm: model.set_grad_checkpointing(False); "
-            "Hugging Face: model.activation_checkpointing_disable(), gradient_checkpointing_disable() in "
-            "older transformers), or make the module that calls it "
-            "a leaf: leaf_modules=[...] (it then trains as one gated layer, without savings)"
-        ) from None
+        raise checkpoint_error(model, called, f"module '{where[0]}' ({where[1]})"
+                               if where and where[0] else None) from None
     except Exception as cause:
         where = getattr(tracer, "failed_module", None)
         location = (f"inside module '{where[0]}' ({where[1]})" if where and where[0]

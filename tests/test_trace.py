@@ -1,5 +1,6 @@
 """Tracing: both training modes, trace-time constants, readable errors, tracer options."""
 
+import re
 import pytest
 import torch
 from torch import nn
@@ -297,3 +298,42 @@ def test_global_module_hooks_are_refused():
             ldbfx.transform(_stack())
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("how", ["non_reentrant", "reentrant", "checkpoint_wrapper"])
+def test_export_never_silently_inlines_a_checkpoint(how):
+    """torch.export traced through ``checkpoint`` and kept every activation without a word: the
+    capture from an example batch now refuses it as the FX path does, naming the module."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return x + torch.relu(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+            if how == "checkpoint_wrapper":
+                self.blocks = nn.ModuleList(checkpoint_wrapper(b) for b in self.blocks)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            for block in self.blocks:
+                if how == "checkpoint_wrapper":
+                    x = block(x)
+                else:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=how == "reentrant")
+            return self.head(x)
+
+    model = Net()
+    name = "blocks.0._checkpoint_wrapped_module" if how == "checkpoint_wrapper" else "blocks.0"
+    with pytest.raises(ldbfx.TraceError, match=rf"module '{re.escape(name)}' \(.*Block\) is checkpointed.*"
+                                               "activation_checkpointing_disable"):
+        ldbfx.transform(model, example_args=(torch.randn(2, 6),))
+    import torch.utils.checkpoint as ckpt
+    assert ckpt._checkpoint_impl.__name__ == "_checkpoint_impl"  # the capture's patch is undone
