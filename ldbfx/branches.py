@@ -76,9 +76,11 @@ import torch
 from torch import fx
 
 from .errors import LdbfxError
+from .records import Branch
 
 if TYPE_CHECKING:
-    from .layers import Layer, LayerPlan
+    from .layers import LayerPlan
+    from .records import Layer
     from .module import LdbGraphModule
 
 __all__ = ["Branch", "BranchNotFoundError", "branches", "set_dropped_branches", "dropped_branches"]
@@ -100,32 +102,6 @@ class BranchNotFoundError(LdbfxError, KeyError):
 
     def __str__(self) -> str:
         return self.message
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One droppable residual branch of a transformed model.
-
-    Attributes:
-        index: position in topological order of its add (what :func:`set_dropped_branches` takes).
-        name: unique readable name: its block (``"layer2.0"``), plus the branch's own submodule
-            when the block has several (``"blocks.3.attn"``, ``"blocks.3.mlp"``).
-        block: qualified name of the module whose ``forward`` performs the add ("" for the root).
-        layers: names of the layers inside the branch, as :func:`ldbfx.layers` names them.
-        skip_layers: layers on the skip path (a projection shortcut), usually ``()``.
-        eligible: whether :func:`set_dropped_branches` may drop it.
-        reason: why not (``"first block"``, ``"last block"``, ``"filter"``), empty when eligible.
-        node: name of the add node in the traced (train-mode) graph.
-    """
-
-    index: int
-    name: str
-    block: str
-    layers: tuple[str, ...]
-    skip_layers: tuple[str, ...]
-    eligible: bool
-    reason: str
-    node: str
 
 
 @dataclass

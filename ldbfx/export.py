@@ -33,9 +33,16 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
-from .handlers import has_hooks
-from .module import AUTOCAST_ATTR, autocast_state
-from .trace import TracedModel, CheckpointCalled, _refuse_global_hooks, checkpoint_error, no_checkpoint
+from .trace import (
+    AUTOCAST_ATTR,
+    CheckpointCalled,
+    TracedModel,
+    _refuse_global_hooks,
+    autocast_state,
+    checkpoint_error,
+    has_hooks,
+    no_checkpoint,
+)
 
 __all__ = ["export_model", "auto_dynamic_shapes"]
 

@@ -16,16 +16,15 @@ import inspect
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
-
-if TYPE_CHECKING:
-    from .rewrite import Rewriter
+from .module import MASK_ATTR
+from .trace import has_hooks
 
 __all__ = [
     "Handler", "register_module_handler", "register_function_handler", "module_handler",
@@ -50,6 +49,36 @@ class Handler:
     saves_compute: bool
     match: Callable[[fx.Node, Any, nn.Module], bool]
     rewrite: Callable[[Rewriter, fx.Node, int], fx.Node]
+
+
+class Rewriter:
+    """Emits replacement nodes into one graph (what handlers receive)."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module):
+        self.graph, self.root = graph, root
+        # Before the first node that is not an input: torch.export graphs read parameters
+        # (get_attr) before their inputs, and gated parameters must see the mask defined.
+        first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+        with graph.inserting_before(first):
+            self.mask = graph.get_attr(MASK_ATTR)
+        self._masked: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def call(self, fn: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        return self.graph.call_function(fn, args, kwargs or {})
+
+    def param(self, target: str) -> fx.Node:
+        return self.graph.get_attr(target)
+
+    def module(self, target: str) -> fx.Node:
+        return self.graph.get_attr(target)
+
+    def masked(self, param: fx.Node, index: int) -> fx.Node:
+        """``ops.masked_param(param)``, created once per parameter node and layer."""
+        key = (param, index)
+        if key not in self._masked:
+            with self.graph.inserting_after(param):
+                self._masked[key] = self.call(ops.masked_param, (param, self.mask, index))
+        return self._masked[key]
 
 
 _MODULE_HANDLERS: list[tuple[type, Handler]] = []
@@ -93,12 +122,6 @@ def function_handler(node: fx.Node, root: nn.Module) -> Handler | None:
 # ---------------------------------------------------------------------------------------------
 # Argument helpers
 # ---------------------------------------------------------------------------------------------
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward (pre-)hooks or backward hooks of its own."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _bind_module(node: fx.Node, module: nn.Module) -> dict[str, Any]:
     return dict(inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments)
 

@@ -34,7 +34,6 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import LdbfxError
-from .handlers import has_hooks
 from .install import (
     capturing_forward,
     check_unchanged,
@@ -44,6 +43,7 @@ from .install import (
     uninstall,
 )
 from .mask import discard_skipped
+from .trace import has_hooks
 
 __all__ = ["LdbCallback"]
 

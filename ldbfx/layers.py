@@ -14,7 +14,6 @@ counted, so under a frozen base model (LoRA) the first and last *adapters* stay 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,49 +22,12 @@ from torch import fx, nn
 
 from . import handlers
 from .handlers import Handler
+from .records import Filter, Layer
 
 if TYPE_CHECKING:
     from .module import LdbGraphModule
 
 __all__ = ["Layer", "layers"]
-
-Filter = Callable[[nn.Module, str], bool]
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One droppable unit of a transformed model.
-
-    Attributes:
-        index: position in topological order (what :func:`ldbfx.set_dropped` accepts).
-        name: unique readable name: the module's qualified name for a module call, else the
-            owning module's name or the parameter's own name (``"cls_token"``).
-        params: qualified names of its parameters, as in ``model.named_parameters()``.
-        eligible: whether :func:`ldbfx.set_dropped` may drop it.
-        reason: why it is not eligible (``"first 4"``, ``"last 1"``, ``"filter"``, ``"frozen"``),
-            empty when eligible.
-        op: the FX op of its first node (``"call_module"`` or ``"call_function"``...).
-        type: the module class (``"Conv2d"``) or the function (``"linear"``) of its first node.
-        kind: the handler family: ``conv``, ``linear``, ``matmul``, ``embedding``, ``attention``
-            (weight gradient really skipped) or ``norm``, ``module``, ``param`` (gradient gated).
-        saves_compute: whether dropping skips weight-gradient computation (every node's handler
-            owns its backward) or only discards the gradient.
-        numel: number of parameter elements.
-        nodes: names of its nodes in the traced (train-mode) graph.
-    """
-
-    index: int
-    name: str
-    params: tuple[str, ...]
-    eligible: bool
-    reason: str
-    op: str
-    type: str
-    kind: str
-    saves_compute: bool
-    numel: int
-    nodes: tuple[str, ...]
-
 
 @dataclass
 class NodePlan:

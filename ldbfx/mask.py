@@ -31,8 +31,8 @@ from torch.optim.optimizer import (
 from . import ops
 from . import state as _state
 from .errors import LayerNotFoundError, LdbfxError
-from .layers import Layer
 from .module import LdbGraphModule
+from .records import Layer
 from .state import LdbState, RowSelection
 
 __all__ = ["set_dropped", "dropped", "discard_skipped", "set_frozen_rows", "frozen_rows"]

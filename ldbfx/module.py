@@ -12,11 +12,10 @@ from torch import fx, nn
 
 from .errors import LdbfxError
 from .state import LdbState
+from .trace import AUTOCAST_ATTR, autocast_state
 
 if TYPE_CHECKING:
-    from .branches import Branch
-    from .layers import Layer
-    from .rewrite import TransformConfig
+    from .records import Branch, Layer, TransformConfig
 
 __all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR"]
 
@@ -219,7 +218,6 @@ class LdbGraphModule(fx.GraphModule):
         )
 
 
-AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
 MODES_UNCHECKED = "_ldbfx_modes_unchecked"  # an exported graph checks its modules' modes next call
 PLACEMENT_ATTR = "_ldbfx_placement"  # (module, name, device, dtype) of the model's first parameter
 
@@ -271,11 +269,6 @@ def check_modes(gm: LdbGraphModule) -> None:
             "mode. Put the whole model in one mode (model.train() or model.eval()). To keep part "
             "of a model in eval mode while training (frozen BatchNorm statistics), transform it "
             "with the FX front end (no example batch), which reads each module's mode as it runs")
-
-
-def autocast_state() -> tuple:
-    """The autocast dtype in effect on the CPU and on CUDA (``None`` where off)."""
-    return tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cpu", "cuda"))
 
 
 def _autocast_error(captured: tuple) -> LdbfxError:

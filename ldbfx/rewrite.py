@@ -21,7 +21,6 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,86 +29,13 @@ from torch import fx, nn
 from . import ops
 from .branches import Branch, BranchNotFoundError, build_branches, insert_gates, plan_branches
 from .errors import NoEligibleLayerWarning, TraceError
-from .handlers import GENERIC_PARAM, param_of
-from .layers import Filter, LayerPlan, build_layers, layer_edges, plan_layers
-from .module import MASK_ATTR, STATE_ATTR, LdbGraphModule
+from .handlers import GENERIC_PARAM, Rewriter, param_of
+from .layers import LayerPlan, build_layers, layer_edges, plan_layers
+from .module import STATE_ATTR, LdbGraphModule
+from .records import Filter, TransformConfig
 from .trace import trace_model
 
 __all__ = ["TransformConfig", "transform"]
-
-
-@dataclass(frozen=True)
-class TransformConfig:
-    """Options of :func:`transform` (frozen, so torch.compile never sees it change).
-
-    Attributes:
-        keep_first: the first layers in topological order that always train. Default: ``4``.
-        keep_last: the last layers that always train. Default: ``1``.
-        filter: ``(module, name) -> bool``; layers for which it returns False always train.
-            ``module`` is the leaf module called, or the module owning the parameter for a
-            functional use. Default: ``None`` (no filter).
-        keep_first_blocks: residual branches of the first blocks that always train. Default: ``1``.
-        keep_last_blocks: residual branches of the last blocks that always train. Default: ``1``.
-        branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it returns False always
-            train. Default: ``None``.
-        extra_branches: names of layers, one inside each residual branch the discovery rule
-            misses or orients the wrong way (see :mod:`ldbfx.branches`). Default: ``()``.
-    """
-
-    keep_first: int = 4
-    keep_last: int = 1
-    filter: Filter | None = None
-    keep_first_blocks: int = 1
-    keep_last_blocks: int = 1
-    branch_filter: Callable[[Branch], bool] | None = None
-    extra_branches: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        names = self.extra_branches
-        if not isinstance(names, str) and isinstance(names, Iterable):
-            names = tuple(names)
-        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
-            raise TypeError("extra_branches must be a list of layer names (as ldbfx.layers names them), "
-                            f"got {self.extra_branches!r}")
-        object.__setattr__(self, "extra_branches", names)  # frozen: a tuple, hashable
-        if self.branch_filter is not None and not callable(self.branch_filter):
-            raise TypeError(f"branch_filter must be a callable (ldbfx.Branch) -> bool, got {self.branch_filter!r}")
-        for name in ("keep_first", "keep_last", "keep_first_blocks", "keep_last_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.filter is not None and not callable(self.filter):
-            raise TypeError(f"filter must be a callable (module, name) -> bool, got {self.filter!r}")
-
-
-class Rewriter:
-    """Emits replacement nodes into one graph (what handlers receive)."""
-
-    def __init__(self, graph: fx.Graph, root: nn.Module):
-        self.graph, self.root = graph, root
-        # Before the first node that is not an input: torch.export graphs read parameters
-        # (get_attr) before their inputs, and gated parameters must see the mask defined.
-        first = next((n for n in graph.nodes if n.op != "placeholder"), None)
-        with graph.inserting_before(first):
-            self.mask = graph.get_attr(MASK_ATTR)
-        self._masked: dict[tuple[fx.Node, int], fx.Node] = {}
-
-    def call(self, fn: Callable, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        return self.graph.call_function(fn, args, kwargs or {})
-
-    def param(self, target: str) -> fx.Node:
-        return self.graph.get_attr(target)
-
-    def module(self, target: str) -> fx.Node:
-        return self.graph.get_attr(target)
-
-    def masked(self, param: fx.Node, index: int) -> fx.Node:
-        """``ops.masked_param(param)``, created once per parameter node and layer."""
-        key = (param, index)
-        if key not in self._masked:
-            with self.graph.inserting_after(param):
-                self._masked[key] = self.call(ops.masked_param, (param, self.mask, index))
-        return self._masked[key]
 
 
 def _rewrite(graph: fx.Graph, root: nn.Module, plans: list[LayerPlan],

@@ -26,7 +26,6 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
-from .handlers import has_hooks
 
 __all__ = ["LdbfxTracer", "TracedModel", "trace_model"]
 
@@ -238,6 +237,12 @@ def trace_model(
     return TracedModel(train_graph, eval_graph, {**train_constants, **eval_constants})
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks or backward hooks of its own."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def _refuse_inlined_hooks(model: nn.Module, graph: fx.Graph) -> None:
     """Hooks on a module that tracing inlined (or on the model itself) would never run.
 
@@ -275,6 +280,14 @@ def _refuse_global_hooks() -> None:
             "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
             "or similar): the rewritten graph calls its layers' ops, not their modules, so those hooks "
             "would not run for them. Remove them before ldbfx.transform")
+
+
+AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
+
+
+def autocast_state() -> tuple:
+    """The autocast dtype in effect on the CPU and on CUDA (``None`` where off)."""
+    return tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cpu", "cuda"))
 
 
 def _dereferenced_optional_inputs(model: nn.Module, graph: fx.Graph,

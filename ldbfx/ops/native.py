@@ -90,7 +90,8 @@ def _load() -> bool:
     if setting.strip().lower() in ("0", "false", "off", "no"):
         reason = f"LDBFX_NATIVE={setting}"
         return False
-    from . import kernels  # noqa: F401  (defines the schemas the library implements)
+    # The schemas the library implements are defined by ops.kernels, which imports this module
+    # (for NAMES) and which ``ldbfx.ops`` imports before anything can call this.
 
     # torch's loader logs a warning on machines without CUDA that concerns CUDA sources only.
     logger = logging.getLogger("torch.utils.cpp_extension")
