@@ -18,6 +18,9 @@
 #    against the paper's 16.9-23.3%: the share of the speed-up that comes from skipped dW and the
 #    share from the larger batch.
 # 4. benchmarks/report.py: the markdown tables for docs/benchmarks.md, also printed at the end.
+# 5. benchmarks/time_to_loss.py lm-lora at the GPU size (hidden 512, 8 layers, sequences of 256,
+#    batch 32), one seed, short budgets: does DropBP reach the baseline's loss sooner where the
+#    backward is a larger share of the step than on 2 CPU cores? (needs transformers and peft).
 #
 # Everything goes to $OUT when it is set (the device tool returns only that folder; a command cut
 # off by its time limit still returns what is there), else to benchmarks/results/: the test log
@@ -96,6 +99,11 @@ if [ "$what" != tests ]; then
             > "$out.md" && { echo "== tables for docs/benchmarks.md ($out.md):"; cat "$out.md"; } \
             || { echo "== report failed"; rm -f "$out.md"; status=1; }
     fi
+fi
+if [ "$what" != tests ]; then
+    phase 240 "time to loss, LoRA" "$out-time-to-loss.log" "$PY" benchmarks/time_to_loss.py lm-lora \
+        --size gpu --device cuda --budget 8 --seeds 0 --evals 6 --pretrain-steps 400 --cache "${TMPDIR:-/tmp}/ldbfx-cache" \
+        --out "$out-time-to-loss"
 fi
 if [ "$what" != bench ]; then
     # max-autotune tunes every distinct kernel shape: last, with whatever the budget leaves.

@@ -190,9 +190,34 @@ def _check_branches(model: str) -> None:
                          f"({len(records)} found, none eligible); see `ldbfx inspect {model}`")
 
 
+#: Options of the vision demo that the language-model demo does not take (refused, not ignored).
+_VISION_ONLY = ("model", "image_size", "epochs", "batch_size", "compile", "amp", "device", "max_steps",
+                "period", "kappa", "lr_scale", "resample", "dropbp_allocation")
+
+
+def _lm_demo(args, parser_defaults: dict) -> int:
+    given = [name for name in _VISION_ONLY if getattr(args, name) != parser_defaults[name]]
+    if given:
+        raise UsageError(f"--task lm does not take {', '.join('--' + g.replace('_', '-') for g in given)} "
+                         "(it races the baseline and DropBP for --budget seconds each, eager, on CPU)")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("--task lm needs Hugging Face transformers: pip install -e \".[hf]\"") from None
+    from .demo_lm import run_lm_demo
+
+    run_lm_demo(budget_s=args.budget, lr=args.lr if args.lr is not None else 2e-3,
+                dropbp_rate=args.dropbp if args.dropbp is not None else 0.5, seed=args.seed, out_dir=args.out)
+    return 0
+
+
 def _demo(args) -> int:
+    if args.task == "lm":
+        return _lm_demo(args, vars(build_parser().parse_args(["demo"])))
     from .demo import run_demo
 
+    if args.lr is None:
+        args.lr = 0.05
     _check_run(args)
 
     if args.dropbp is not None:
@@ -284,10 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains the model twice on scikit-learn's embedded handwritten digits "
                                    "(same seed): baseline, then LayerDropBack. Prints a side-by-side table, "
                                    "writes demo.png and demo.json.")
+    p.add_argument("--task", choices=["vision", "lm"], default="vision",
+                   help="vision: ResNet-18 on digits, baseline vs LayerDropBack by epochs; lm: a byte-level "
+                        "Llama on the standard library's source, baseline vs DropBP for the same time "
+                        "(needs the hf extra)")
+    p.add_argument("--budget", type=_number(float, 0.0, low_open=True), default=60.0,
+                   help="--task lm: seconds of training each run gets")
     _add_run_options(p, epochs=8, batch_size=64)
+    _lr = next(a for a in p._actions if a.dest == "lr")  # noqa: SLF001 - one default per task
+    # "%(default).0s" prints nothing: the help states both defaults instead of "None".
+    _lr.default, _lr.help = None, "peak learning rate: 0.05 (SGD) for vision, 2e-3 (AdamW) for --task lm%(default).0s"
     p.add_argument("--dropbp", type=_number(float, 0.0, 1.0, high_open=True), nargs="?", const=0.5, default=None, metavar="RATE",
-                   help="also train with DropBP (every eligible residual branch dropped whole with "
-                        "probability RATE, default 0.5, at every step) and show it beside LDB")
+                   help="vision: also train with DropBP (every eligible residual branch dropped whole with "
+                        "probability RATE, default 0.5, at every step) and show it beside LDB; "
+                        "--task lm: DropBP's rate (default 0.5)")
     p.add_argument("--out", default="ldbfx-out", help="output directory for the plot and JSON")
     p.set_defaults(func=_demo)
 

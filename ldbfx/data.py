@@ -95,3 +95,66 @@ def load(name: str, data_dir: str | None = None, *, image_size: int = 32, seed: 
     if name in DATASETS:
         return _torchvision(name, data_dir, image_size)
     raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+@dataclass
+class Text:
+    """Bytes of real text as token ids (0-255), split into training and validation files."""
+
+    train: torch.Tensor  # uint8
+    validation: torch.Tensor  # uint8
+    files: int
+    fingerprint: str  # Python version and a hash of the file list: the corpus is pinned by it
+
+
+def stdlib_text(domain: str = "library", holdout_every: int = 20, max_bytes: int | None = None) -> Text:
+    """The Python standard library's own ``.py`` files as bytes: real text every machine has.
+
+    Files are read in sorted order; every ``holdout_every``-th file goes to validation.
+
+    Args:
+        domain: ``"library"`` (everything but the ``test`` package) or ``"tests"`` (the ``test``
+            package alone: a held-out domain for fine-tuning).
+        holdout_every: every n-th file is a validation file.
+        max_bytes: stop adding training files past this many bytes (validation keeps its share).
+
+    Raises:
+        DataError: ``domain="tests"`` on a Python installed without its ``test`` package.
+
+    Example:
+        >>> text = stdlib_text(max_bytes=100_000)
+        >>> text.train.dtype, len(text.train) >= 100_000, text.fingerprint.startswith("python")
+        (torch.uint8, True, True)
+    """
+    import hashlib
+    import sys
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(".py")]
+    in_tests = [f.startswith("test" + os.sep) for f in sorted(files)]
+    files = [f for f, t in zip(sorted(files), in_tests) if t == (domain == "tests")]
+    if domain not in ("library", "tests"):
+        raise DataError(f"domain must be 'library' or 'tests', got {domain!r}")
+    if not files:
+        raise DataError(f"no .py files for domain {domain!r} under {root} (a Python without its test package?)")
+    parts: dict[bool, list[bytes]] = {True: [], False: []}
+    size = 0
+    for i, name in enumerate(files):
+        held_out = i % holdout_every == holdout_every - 1
+        if not held_out and max_bytes is not None and size >= max_bytes:
+            continue
+        with open(os.path.join(root, name), "rb") as f:
+            content = f.read()
+        parts[held_out].append(content)
+        size += 0 if held_out else len(content)
+    digest = hashlib.sha256("\n".join(files).encode()).hexdigest()[:12]
+    version = "python{}.{}.{}".format(*sys.version_info[:3])
+
+    def joined(chunks: list[bytes]) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"\n".join(chunks)), dtype=torch.uint8)
+
+    return Text(joined(parts[False]), joined(parts[True]), len(files), f"{version}-{domain}-{digest}")
