@@ -102,10 +102,10 @@ def _pretrained(kind: str, size: str, steps: int, cache: str, lr: float, device:
 def make_task(args):
     if args.setting.startswith("lm-"):
         if args.setting == "lm-scratch":
-            return lm_task(args.size, device=args.device)
+            return lm_task(args.size, device=args.device, epoch_steps=args.epoch_steps)
         init = _pretrained("lm", args.size, args.pretrain_steps, args.cache, 2e-3, args.device)
         return lm_task(args.size, "tests", init=init, prepare=lora(8) if args.setting == "lm-lora" else None,
-                       device=args.device)
+                       device=args.device, epoch_steps=args.epoch_steps)
     if args.setting == "digits-scratch":
         return digits_task(device=args.device)
     init = _pretrained("digits", "resnet18", args.pretrain_steps, args.cache, 1e-3, args.device)
@@ -179,7 +179,7 @@ def run(args) -> dict:
     return {"setting": args.setting, "source": task.source, "higher_is_better": higher,
             "budget_s": args.budget, "lrs": lrs, "baseline_lr": base_lr, "baseline_lr_inside": inside,
             "best_lr": best_lr, "compile": args.compile, "seeds": sorted({0, *args.seeds}),
-            "batch_size": task.batch_size, "runs": runs, "meta": run_meta(args.device), "argv": sys.argv[1:]}
+            "batch_size": task.batch_size, "epoch_steps": task.epoch_steps, "runs": runs, "meta": run_meta(args.device), "argv": sys.argv[1:]}
 
 
 def summarise(result: dict) -> list[dict]:
@@ -202,12 +202,15 @@ def summarise(result: dict) -> list[dict]:
             target = baseline[r["seed"]]["points"][-1]["value"]
             curve = type("C", (), {"points": r["points"]})
             reach.append(time_to_reach(curve, target, higher))
+        base_sample = statistics.mean(r["train_time_s"] / r["points"][-1]["samples"] for r in baseline.values())
         samples = [r["points"][-1]["samples"] for r in runs]
         flops = [r["points"][-1]["flops"] / max(1, s) for r, s in zip(runs, samples)]
         table.append({
             "name": name, "lr": lr, "seeds": len(runs), "final_mean": statistics.mean(finals),
             "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "steps": statistics.mean(r["steps"] for r in runs),
+            "seconds_per_sample_vs_baseline":
+                statistics.mean(r["train_time_s"] / r["points"][-1]["samples"] for r in runs) / base_sample,
             "flops_per_sample_vs_baseline": statistics.mean(flops) / base_flops,
             "saved_bytes_vs_baseline": max(max(r["saved_bytes"].values()) for r in runs) / base_bytes,
             "reached": sum(t is not None for t in reach), "compared": len(reach),
@@ -221,14 +224,15 @@ def summarise(result: dict) -> list[dict]:
 
 def markdown(result: dict, table: list[dict]) -> str:
     figure = "accuracy" if result["higher_is_better"] else "validation loss"
-    lines = [f"| configuration | LR | seeds | final {figure} | reached the baseline's final | FLOPs/sample | "
-             "saved activations | steps |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| configuration | LR | seeds | final {figure} | reached the baseline's final | time/sample | "
+             "FLOPs/sample | saved activations | steps |", "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         reach = ("-" if row["name"] == "baseline" and row["lr"] == result["baseline_lr"]
                  else f"{row['reached']}/{row['compared']}" + (
                      f" (at {row['time_to_baseline_final_s']:.0f} s)" if row["reached"] else " (not reached)"))
         lines.append(f"| {row['name']} | {row['lr']:g} | {row['seeds']} | {row['final_mean']:.4f} "
-                     f"± {row['final_sd']:.4f} | {reach} | {100 * row['flops_per_sample_vs_baseline']:.0f}% | "
+                     f"± {row['final_sd']:.4f} | {reach} | {100 * (row['seconds_per_sample_vs_baseline'] - 1):+.0f}% | "
+                     f"{100 * row['flops_per_sample_vs_baseline']:.0f}% | "
                      f"{100 * row['saved_bytes_vs_baseline']:.0f}% | {row['steps']:.0f} |")
     return "\n".join(lines)
 
@@ -270,9 +274,22 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write(result: dict, stem: str) -> str:
+    """The JSON, the plot and the markdown table of a run; returns the table."""
+    result["table"] = summarise(result)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, stem + ".png")
+    text = markdown(result, result["table"])
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("setting", choices=SETTINGS)
+    p.add_argument("setting", choices=SETTINGS, nargs="?")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="rewrite the tables and plots of these results")
     p.add_argument("--budget", type=float, default=None, help="training seconds per run (default: per setting)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="peak learning rates swept")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -281,6 +298,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="steps of the checkpoint fine-tuning starts from (default: 800 LM, 150 digits)")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--epoch-steps", type=int, default=10, help="the LM settings' steps per epoch (LayerDropBack's unit)")
     p.add_argument("--lr", type=float, default=None, help="no sweep: every configuration at this rate")
     p.add_argument("--families", nargs="+", default=None,
                    choices=["baseline", "ldb-k2", "ldb-k1", "dropbp-uniform", "dropbp-sensitivity"],
@@ -290,6 +308,13 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/ldbfx"))
     p.add_argument("--out", default="benchmarks/results/time-to-loss")
     args = p.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            with open(path) as f:
+                print(write(json.load(f), path.removesuffix(".json")))
+        return 0
+    if args.setting is None:
+        p.error("give a setting, or --report JSON...")
     budget, lrs = DEFAULTS[args.setting]
     args.budget = args.budget or budget
     args.lrs = args.lrs or list(lrs)
@@ -297,17 +322,9 @@ def main(argv=None) -> int:
         p.error("--families must include baseline (every figure is relative to it)")
     args.pretrain_steps = args.pretrain_steps or (800 if args.setting.startswith("lm-") else 150)
     result = run(args)
-    table = summarise(result)
-    result["table"] = table
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{args.setting}{'-compiled' if args.compile else ''}-{args.device.split(':')[0]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, stem + ".png")
-    text = markdown(result, table)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
-    print(text)
+    print(write(result, stem))
     print(f"wrote {stem}.json, .png, .md")
     return 0
 

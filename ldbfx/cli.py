@@ -216,6 +216,8 @@ def _demo(args) -> int:
         return _lm_demo(args, vars(build_parser().parse_args(["demo"])))
     from .demo import run_demo
 
+    if args.budget != build_parser().parse_args(["demo"]).budget:
+        raise UsageError("--budget applies to --task lm (the vision demo trains for --epochs)")
     if args.lr is None:
         args.lr = 0.05
     _check_run(args)
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropbp", type=_number(float, 0.0, 1.0, high_open=True), nargs="?", const=0.5, default=None, metavar="RATE",
                    help="vision: also train with DropBP (every eligible residual branch dropped whole with "
                         "probability RATE, default 0.5, at every step) and show it beside LDB; "
-                        "--task lm: DropBP's rate (default 0.5)")
+                        "--task lm: DropBP's rate (default 0.5)%(default).0s")
     p.add_argument("--out", default="ldbfx-out", help="output directory for the plot and JSON")
     p.set_defaults(func=_demo)
 

@@ -65,7 +65,8 @@ def lora(rank: int = 8):
 
 
 def lm_task(size: LmSize | str = "small", domain: str = "library", *, init: dict | None = None,
-            max_bytes: int | None = None, eval_batches: int = 8, prepare=None, device: str = "cpu") -> Task:
+            max_bytes: int | None = None, eval_batches: int = 8, prepare=None, device: str = "cpu",
+            epoch_steps: int = 10) -> Task:
     """Next-byte prediction on the standard library's source (validation: every 20th file).
 
     Args:
@@ -76,6 +77,8 @@ def lm_task(size: LmSize | str = "small", domain: str = "library", *, init: dict
         eval_batches: validation batches (fixed windows spread over the validation files).
         prepare: applied before the capture (:func:`lora`).
         device: where the model and the text live.
+        epoch_steps: steps in an "epoch" (text has no natural one; LayerDropBack's DROP epochs
+            come every ``period`` of them, so a short run must still span several).
     """
     size = LmSize(size) if isinstance(size, str) else size
     text = datasets.stdlib_text(domain, max_bytes=max_bytes)
@@ -100,7 +103,7 @@ def lm_task(size: LmSize | str = "small", domain: str = "library", *, init: dict
 
     task = Task(build=build, batch=lambda i: windows(train, i), n_samples=len(train) - size.seq,
                 loss=lambda module, b: module(**b).loss, evaluate=evaluate, batch_size=size.batch,
-                epoch_steps=50, capture={"example_kwargs": held_out[0]}, prepare=prepare,
+                epoch_steps=epoch_steps, capture={"example_kwargs": held_out[0]}, prepare=prepare,
                 with_replacement=True, source=f"stdlib source, {text.fingerprint}")
     return task
 

@@ -149,3 +149,5 @@ def test_lm_demo_refuses_the_vision_options(capsys):
 
     assert main(["demo", "--task", "lm", "--model", "resnet50", "--epochs", "3"]) == 2
     assert "--task lm does not take --model, --epochs" in capsys.readouterr().err
+    assert main(["demo", "--budget", "10"]) == 2  # the vision demo has no budget: refused, not ignored
+    assert "--budget applies to --task lm" in capsys.readouterr().err
