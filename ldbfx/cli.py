@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision: ResNet-18 on digits, baseline vs LayerDropBack by epochs; lm: a byte-level "
                         "Llama on the standard library's source, baseline vs DropBP for the same time "
                         "(needs the hf extra)")
-    p.add_argument("--budget", type=_number(float, 0.0, low_open=True), default=60.0,
+    p.add_argument("--budget", type=_number(float, 0.0, low_open=True), default=20.0,
                    help="--task lm: seconds of training each run gets")
     _add_run_options(p, epochs=8, batch_size=64)
     _lr = next(a for a in p._actions if a.dest == "lr")  # noqa: SLF001 - one default per task
