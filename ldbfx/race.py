@@ -346,6 +346,16 @@ def race(task: Task, variants: list[Variant], *, budget_s: float, seed: int = 0,
         One :class:`Curve` per variant, in the order given.
     """
     stream = _Stream(task.n_samples, seed, task.with_replacement)
+    if compile:
+        # Every variant's module runs the same ``forward`` code, so Dynamo's per-code cache holds
+        # all their graphs (train and eval each): its default limit (8) would send the later
+        # variants back to eager, silently. One process racing N models needs N times the room.
+        import torch._dynamo
+
+        limit = max(torch._dynamo.config.recompile_limit, 8 * len(variants))
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 32 * len(variants))
     runners = [_Runner(task, v, seed, compile, weight_decay) for v in variants]
     for runner in runners:
         if compile:
