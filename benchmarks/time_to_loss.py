@@ -32,6 +32,7 @@ activation memory a drop method can change), measured with ``saved_tensors_hooks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,7 +42,7 @@ import time
 import torch
 
 from ldbfx.bench import run_meta
-from ldbfx.race import Variant, race, time_to_reach
+from ldbfx.race import Curve, Variant, race, time_to_reach
 from ldbfx.workloads import LmSize, digits_task, lm_task, lora
 
 SETTINGS = ("lm-scratch", "lm-finetune", "lm-lora", "digits-scratch", "digits-finetune")
@@ -66,10 +67,6 @@ def families(lr: float, only: list[str] | None = None) -> dict[str, list[Variant
                                Variant("dropbp", lr, drop_rate=0.25, allocation="sensitivity")],
     }
     return {name: configs for name, configs in every.items() if only is None or name in only}
-
-
-def _with_lr(variant: Variant, lr: float) -> Variant:
-    return Variant(variant.method, lr, variant.drop_rate, variant.kappa, variant.period, variant.allocation)
 
 
 def _pretrained(kind: str, size: str, steps: int, cache: str, lr: float, device: str) -> dict:
@@ -125,9 +122,9 @@ def run(args) -> dict:
                           f"steps {c.steps:5d}  {c.points[-1]['value']:.4f}", flush=True)
     runs: list[dict] = []
 
-    def record(seed: int, curves) -> None:
-        for c in curves:
-            runs.append({"seed": seed, "name": c.name, "family": c.variant.label, "lr": c.variant.lr,
+    def record(seed: int, entries, curves) -> None:
+        for (family, _), c in zip(entries, curves):
+            runs.append({"seed": seed, "name": c.name, "family": family, "lr": c.variant.lr,
                          "steps": c.steps, "train_time_s": c.train_time_s, "compile_time_s": c.compile_time_s,
                          "flops_per_step": c.flops_per_step, "saved_bytes": c.saved_bytes,
                          "batch": task.batch_size, "kappa": c.variant.kappa, "points": c.points})
@@ -142,25 +139,21 @@ def run(args) -> dict:
         print(f"== {args.setting}: sweep at seed 0, {len(contestants)} runs of {args.budget} s", flush=True)
         curves = race(task, [v for _, v in contestants], budget_s=args.budget, seed=0, evals=args.evals,
                       compile=args.compile, weight_decay=args.weight_decay, on_point=log)
-        for (family, _), c in zip(contestants, curves):
-            c.variant.label = family
-        record(0, curves)
+        record(0, contestants, curves)
         best_lr = {}
         for family in families(0, only):
-            mine = [c for c in curves if c.variant.label == family]
+            mine = [c for (f, _), c in zip(contestants, curves) if f == family]
             best_lr[family] = _best(mine, higher).variant.lr
         base_lr = best_lr["baseline"]
         inside = lrs[0] < base_lr < lrs[-1]
         print(f"== baseline's best rate {base_lr:g} ({'inside' if inside else 'AT THE EDGE OF'} the sweep); "
               f"families' own best: {best_lr}", flush=True)
         # The other configurations at the baseline's rate, seed 0.
-        rest = [(family, _with_lr(v, base_lr)) for family, configs in families(base_lr, only).items()
+        rest = [(family, dataclasses.replace(v, lr=base_lr)) for family, configs in families(base_lr, only).items()
                 for v in configs[1:]]
         curves = race(task, [v for _, v in rest], budget_s=args.budget, seed=0, evals=args.evals,
                       compile=args.compile, weight_decay=args.weight_decay, on_point=log)
-        for (family, _), c in zip(rest, curves):
-            c.variant.label = family
-        record(0, curves)
+        record(0, rest, curves)
     else:  # --lr: no sweep; every configuration at that rate, for every seed
         base_lr, inside = args.lr, None
         best_lr = {family: args.lr for family in families(0, only)}
@@ -173,9 +166,7 @@ def run(args) -> dict:
         print(f"== seed {seed}: {len(entries)} runs", flush=True)
         curves = race(task, [v for _, v in entries], budget_s=args.budget, seed=seed, evals=args.evals,
                       compile=args.compile, weight_decay=args.weight_decay, on_point=log)
-        for (family, _), c in zip(entries, curves):
-            c.variant.label = family
-        record(seed, curves)
+        record(seed, entries, curves)
     return {"setting": args.setting, "source": task.source, "higher_is_better": higher,
             "budget_s": args.budget, "lrs": lrs, "baseline_lr": base_lr, "baseline_lr_inside": inside,
             "best_lr": best_lr, "compile": args.compile, "seeds": sorted({0, *args.seeds}),
@@ -200,8 +191,7 @@ def summarise(result: dict) -> list[dict]:
             if r["seed"] not in baseline:
                 continue
             target = baseline[r["seed"]]["points"][-1]["value"]
-            curve = type("C", (), {"points": r["points"]})
-            reach.append(time_to_reach(curve, target, higher))
+            reach.append(time_to_reach(Curve(name, Variant("baseline", lr), points=r["points"]), target, higher))
         base_sample = statistics.mean(r["train_time_s"] / r["points"][-1]["samples"] for r in baseline.values())
         samples = [r["points"][-1]["samples"] for r in runs]
         flops = [r["points"][-1]["flops"] / max(1, s) for r, s in zip(runs, samples)]
