@@ -281,7 +281,10 @@ def to_networkx(gm: LdbGraphModule) -> networkx.DiGraph:
         >>> sorted(ldbfx.to_networkx(gm).edges)
         [(0, 1), (1, 2)]
     """
-    import networkx as nx
+    try:
+        import networkx as nx
+    except ImportError as error:
+        raise ImportError("ldbfx.to_networkx needs networkx: pip install 'ldbfx[graph]'") from error
 
     graph = nx.DiGraph()
     for l in _layers(gm):

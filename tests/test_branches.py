@@ -506,7 +506,7 @@ def test_dropbp_sensitivity_allocation_counts_flops_and_spends_the_target():
 
 
 def test_train_with_dropbp_policy(tmp_path):
-    from ldbfx.train import TrainConfig, train
+    from ldbfx.app.train import TrainConfig, train
 
     result = train(TrainConfig(policy="dropbp", model="resnet18", epochs=2, batch_size=16, drop_rate=0.5,
                                max_steps_per_epoch=3, progress=False))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ldbfx.cli import main
+from ldbfx.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,30 @@ def test_help_lists_defaults(command, capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "ldbfx", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "inspect" in out.stdout
+
+
+def test_the_command_without_the_app_extra_says_what_to_install(monkeypatch, capsys):
+    # `pip install ldbfx` is the library alone; the command's own dependencies are the app extra.
+    import ldbfx.app.cli as cli
+
+    monkeypatch.setattr(cli, "APP_MODULES", cli.APP_MODULES + ("ldbfx_no_such_module",))
+    assert main(["inspect", "resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ldbfx_no_such_module" in err and "pip install 'ldbfx[app]'" in err
+
+
+def test_the_library_needs_none_of_the_app_extra():
+    # The library's modules import no application dependency, at any depth (the app folder may).
+    # ldbfx.hf is left out: transformers itself depends on tqdm.
+    # torch itself imports some where they are installed (tqdm, here): those are not counted.
+    from ldbfx.app.cli import APP_MODULES  # read here: importing it in the child imports ldbfx
+
+    code = (f"import sys, torch; APP_MODULES = {APP_MODULES!r}; "
+            "before = {m for m in APP_MODULES if m in sys.modules}; "
+            "import ldbfx, ldbfx.inspect, ldbfx.distributed, ldbfx.export, ldbfx.policies; "
+            "print(sorted(m for m in APP_MODULES if m in sys.modules and m not in before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_inspect_prints_the_table_and_writes_dot(tmp_path, capsys):
@@ -135,7 +159,7 @@ def _exit_code(argv) -> int:
 def test_bad_input_is_one_line_and_exit_2(argv, start, capfd, monkeypatch):
     import torch
 
-    import ldbfx.train
+    import ldbfx.app.train
 
     if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -143,9 +167,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, start, capfd, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built or data loaded before the input was checked")
 
-    monkeypatch.setattr(ldbfx.train, "build_model", refuse)
+    monkeypatch.setattr(ldbfx.app.train, "build_model", refuse)
     if "--data" not in argv:  # the dataset check is the loader's own
-        monkeypatch.setattr(ldbfx.train.datasets, "load", refuse)
+        monkeypatch.setattr(ldbfx.app.train.datasets, "load", refuse)
     assert _exit_code(argv) == 2
     out, err = capfd.readouterr()
     lines = err.strip().splitlines()
@@ -161,12 +185,12 @@ def test_bad_input_from_the_shell_has_no_traceback():
 
 
 def test_demo_dropbp_refuses_a_model_without_branches_before_training(capfd, monkeypatch):
-    import ldbfx.train
+    import ldbfx.app.train
 
     def refuse(*args, **kwargs):
         raise AssertionError("trained before the input was checked")
 
-    monkeypatch.setattr(ldbfx.train, "train", refuse)
+    monkeypatch.setattr(ldbfx.app.train, "train", refuse)
     assert _exit_code(["demo", "--model", "squeezenet1_0", "--dropbp"]) == 2
     out, err = capfd.readouterr()
     assert err.strip() == ("ldbfx demo: error: --dropbp: squeezenet1_0 has no droppable residual branch "

@@ -165,7 +165,6 @@ def test_mask_reading_ops_are_kept_out_of_cuda_graphs():
 
     for mechanism, kernels in KERNELS.items():
         for name, op in kernels.items():
-            op = getattr(op, "_opoverload", op)  # custom_op's CustomOpDef wraps the OpOverload
             assert torch.Tag.cudagraph_unsafe in op.tags, (mechanism, name)
 
 
@@ -245,8 +244,8 @@ def test_dynamic_shapes_one_compile_for_any_length_and_mask():
 
 
 def test_compiled_path_mechanisms_agree():
-    # The mechanisms (C++ kernels, the default where they build; Library.define/impl and
-    # @custom_op with Python bodies) make the same aten calls: the gradients are those of the
+    # The mechanisms (C++ kernels, the default where they build; Library.define/impl with
+    # Python bodies) make the same aten calls: the gradients are those of the
     # same kernels, bitwise.
     from ldbfx.ops import native, path
 

@@ -274,3 +274,16 @@ def test_one_line_under_torchrun_ddp(tmp_path):
     assert ranks[0]["draws"] == ranks[1]["draws"] and ranks[0]["stats"]["allocation"] == "sensitivity"
     for name, value in ranks[0]["params"].items():  # DDP kept the replicas equal, dropped blocks too
         assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+def test_the_trainer_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "'steps': 48" in out  # 4 epochs of 12 steps, each drawing a mask
+    # The base model's branches under PEFT's names: layers 1 and 2 (the first and last are kept).
+    assert "branches: ['base_model.model.model.layers.1.self_attn', 'base_model.model.model.layers.1.mlp', " \
+           "'base_model.model.model.layers.2.self_attn', 'base_model.model.model.layers.2.mlp']" in out

@@ -34,8 +34,11 @@ LAYERS = [
     {"ldbfx.rewrite"},
     # Policies and integrations built on the public API.
     {"ldbfx.policies.*", "ldbfx.inspect", "ldbfx.install", "ldbfx.hf"},
-    # The package's namespace and the applications: training loop, data, CLI, demos, benchmarks.
-    {"ldbfx", "ldbfx.__main__", "ldbfx.cli", "ldbfx.train", "ldbfx.data", "ldbfx.bench", "ldbfx.demo",
+    # The package's namespace.
+    {"ldbfx"},
+    # The application (the app extra): training loop, data, CLI, demos, benchmark harnesses; and
+    # the old import paths of its modules, which alias them.
+    {"ldbfx.app.*", "ldbfx.__main__", "ldbfx.cli", "ldbfx.train", "ldbfx.data", "ldbfx.bench", "ldbfx.demo",
      "ldbfx.demo_lm", "ldbfx.race", "ldbfx.workloads"},
 ]
 

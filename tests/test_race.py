@@ -1,4 +1,4 @@
-"""ldbfx.race: variants raced on the same batches, the schedule, FLOPs measured per kind of step."""
+"""ldbfx.app.race: variants raced on the same batches, the schedule, FLOPs measured per kind of step."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldbfx.race import Curve, Task, Variant, _schedule, race, time_to_reach, value_at
+from ldbfx.app.race import Curve, Task, Variant, _schedule, race, time_to_reach, value_at
 
 
 def _residual_mlp():
@@ -55,7 +55,7 @@ def test_every_variant_reads_the_same_sample_stream(with_replacement):
 
 
 def test_streams_are_prefixes_of_one_sequence():
-    from ldbfx.race import _Stream
+    from ldbfx.app.race import _Stream
 
     a, b = _Stream(50, seed=3, with_replacement=False), _Stream(50, seed=3, with_replacement=False)
     whole = a.take(0, 120)
@@ -130,7 +130,7 @@ def test_lm_demo_writes_its_table_plot_and_figures(tmp_path):
     pytest.importorskip("transformers")
     import json
 
-    from ldbfx.demo_lm import VERDICT, run_lm_demo
+    from ldbfx.app.demo_lm import VERDICT, run_lm_demo
 
     lines = []
     figures = run_lm_demo(budget_s=1.0, size="tiny", out_dir=str(tmp_path), print_fn=lines.append)
@@ -145,7 +145,7 @@ def test_lm_demo_writes_its_table_plot_and_figures(tmp_path):
 
 
 def test_lm_demo_refuses_the_vision_options(capsys):
-    from ldbfx.cli import main
+    from ldbfx.app.cli import main
 
     assert main(["demo", "--task", "lm", "--model", "resnet50", "--epochs", "3"]) == 2
     assert "--task lm does not take --model, --epochs" in capsys.readouterr().err

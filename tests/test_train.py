@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ldbfx
-from ldbfx.train import TrainConfig, train
+from ldbfx.app.train import TrainConfig, train
 
 TINY = TrainConfig(data="digits", model="resnet18", image_size=32, epochs=3, batch_size=16,
                    max_steps_per_epoch=3, progress=False, lr=0.02)
@@ -114,7 +114,7 @@ def test_skipped_fp16_steps_discard_their_skip_record(monkeypatch):
     # A loss scale far too large: every step's fp16 gradients overflow, GradScaler skips the
     # optimizer step and halves the scale. The trainer must then discard the record of what the
     # backward skipped (else the next step leaves those layers untouched too), and only then.
-    import ldbfx.train as trainer
+    import ldbfx.app.train as trainer
 
     calls = []
 

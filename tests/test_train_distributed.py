@@ -13,7 +13,7 @@ import torch.distributed as dist
 from test_distributed import _init, _spawn
 from test_train import TINY, Interrupt, _params
 
-from ldbfx.train import train
+from ldbfx.app.train import train
 
 LDB = replace(TINY, policy="ldb", period=1, epochs=3)
 
@@ -94,7 +94,7 @@ def test_torchrun_trains_and_resumes_printing_on_rank_zero(tmp_path):
 
 def test_global_batch_must_split_over_ranks():
     from ldbfx.errors import LdbfxError
-    from ldbfx.train import _World
+    from ldbfx.app.train import _World
 
     with pytest.raises(LdbfxError, match="divisible by the number of ranks"):
         _World(rank=0, size=3).check_batch(16)

@@ -164,9 +164,7 @@ def _conv_backward_impl(
 def _dropped_weight_grad(like: Tensor, shape: Sequence[int], strides: Sequence[int]) -> Tensor:
     """A dropped linear's or convolution's weight gradient: zeros, the one cost of a dropped layer
     that freezing does not pay (memory traffic: 25.6 MB per ResNet-50 step at 30% dropped; a
-    memset on a GPU).
-    ``benchmarks/compiled_path.py --unfilled-zeros`` replaces this function to measure it (it did
-    not show: leaving the zeros unwritten was no faster on that CPU)."""
+    memset on a GPU; leaving them unwritten measured no faster on CPU, docs/history.md)."""
     return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device).zero_()
 
 
@@ -259,16 +257,14 @@ def _masked_grad_fake(grad, mask, index):
 
 
 # --------------------------------------------------------------------------------------------
-# Registration. Two mechanisms run the same Python bodies (docs/design.md compares them):
+# Registration, two mechanisms:
 #
 # * ``library`` (the default where the C++ bodies of :mod:`ldbfx.ops.native` do not build):
-#   ``torch.library.Library.define`` + ``impl`` + ``register_fake``.
-#   The dispatcher calls the body directly: about 6 us per call.
-# * ``custom_op``: ``@torch.library.custom_op``, the documented high-level API. Its Python wrapper
-#   (schema checks, autograd registration) costs about 17 us per call.
-#
-# The compiled backward calls one of these per layer and step, so on a GPU, where a layer's
-# kernels take tens of microseconds, the difference is visible.
+#   ``torch.library.Library.define`` + ``impl`` + ``register_fake`` with the Python bodies above.
+#   The dispatcher calls the body directly, without ``@custom_op``'s Python wrapper (schema
+#   checks, autograd registration), which the compiled backward would pay per layer and step
+#   (docs/design.md, "The compiled path").
+# * ``native``: the same schemas with C++ bodies, below.
 # --------------------------------------------------------------------------------------------
 _SCHEMAS = {
     "linear_weight_grad": ("(Tensor grad2d, Tensor x2d, Tensor mask, int index, bool with_bias) -> (Tensor, Tensor)",
@@ -295,17 +291,13 @@ def _tags(name: str) -> tuple:
 
 _LIB = torch.library.Library("ldbfx", "FRAGMENT")
 #: mechanism -> kernel name -> the op the compiled backward calls.
-KERNELS: dict[str, dict[str, object]] = {"library": {}, "custom_op": {}}
+KERNELS: dict[str, dict[str, object]] = {"library": {}}
 for _name, (_schema, _impl, _fake) in _SCHEMAS.items():
     _LIB.define(_name + _schema, tags=_tags(_name))
     _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"ldbfx::{_name}", _fake, lib=_LIB)
     KERNELS["library"][_name] = getattr(torch.ops.ldbfx, _name).default
-    _op = torch.library.custom_op(f"ldbfx::{_name}_custom_op", _impl, mutates_args=(), schema=_schema,
-                                  tags=_tags(_name))
-    _op.register_fake(_fake)
-    KERNELS["custom_op"][_name] = _op
-del _name, _schema, _impl, _fake, _op
+del _name, _schema, _impl, _fake
 
 # ``native``: the same schemas, tags and fakes as ``ldbfx::<name>_native``, whose bodies are the
 # C++ of ``native.cpp`` (loaded by ``ops.native`` on first use) for the kernels a step calls most;

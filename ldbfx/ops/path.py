@@ -93,10 +93,10 @@ opaque_path = compiled_path  # the name before 2026-12-01
 
 #: How the compiled backward calls its mask-reading kernels (:data:`ldbfx.ops.kernels.KERNELS`):
 #: ``native`` (C++ bodies for the most frequent kernels, :mod:`ldbfx.ops.native`; the default
-#: where they build), ``library`` (``Library.define``/``impl`` with Python bodies; the default
-#: where they do not) or ``custom_op`` (``@torch.library.custom_op``). Read when a graph is traced;
-#: all three give the same gradients, and benchmarks compare them.
-MECHANISMS = ("native", "library", "custom_op")
+#: where they build) or ``library`` (``Library.define``/``impl`` with Python bodies; the default
+#: where they do not, and the reference the native kernels are tested against). Read when a graph
+#: is traced; both give the same gradients.
+MECHANISMS = ("native", "library")
 _mechanism: str | None = None  # None: native where it builds, else library
 
 
@@ -110,7 +110,7 @@ def mechanism() -> str:
 
 
 class using_mechanism:
-    """Context manager: trace (compile) with another compiled-path mechanism, for comparisons.
+    """Context manager: trace (compile) with the other compiled-path mechanism (tests, comparisons).
 
     The choice is process-wide (not per thread) and read when a backward is traced. Dynamo
     guards on it, so a model compiled inside the context and then called outside it is compiled
@@ -118,9 +118,9 @@ class using_mechanism:
 
     Example:
         >>> from ldbfx.ops import path
-        >>> with path.using_mechanism("custom_op"):
+        >>> with path.using_mechanism("library"):
         ...     path.mechanism()
-        'custom_op'
+        'library'
     """
 
     def __init__(self, name: str):
