@@ -9,6 +9,8 @@ Example:
 """
 
 from . import distributed
+# ``ldbfx.branches`` is the function (as ``ldbfx.layers`` is): importing it from the submodule of
+# that name binds it after the submodule.
 from .branches import Branch, BranchNotFoundError, branches, dropped_branches, set_dropped_branches
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
 from .inspect import summary, to_networkx

@@ -149,7 +149,7 @@ class _SkipDropped:
         self.mask = gm.ldbfx_state.mask
         self.group = group if group is not None else torch.distributed.group.WORLD
         self.stats = AllReduceStats()
-        self._layer_of = {id(p): i for i in range(len(gm.ldbfx_layers)) for p in gm._ldbfx_params(i)}
+        self._layer_of = {id(p): i for i in range(len(gm.ldbfx_layers)) for p in gm.ldbfx_state.params(i)}
         self._layouts: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     def layout(self, bucket) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["LdbfxError", "TraceError", "LayerNotFoundError", "NoEligibleLayerWarning"]
+__all__ = ["LdbfxError", "TraceError", "LayerNotFoundError", "BranchNotFoundError", "NoEligibleLayerWarning"]
 
 
 class LdbfxError(Exception):
@@ -38,6 +38,17 @@ class LayerNotFoundError(LdbfxError, KeyError):
     def unknown(cls, requested: object, valid: Sequence[str]) -> LayerNotFoundError:
         listing = ", ".join(valid) if valid else "(none: no layer is eligible)"
         return cls(f"no eligible layer named {requested!r}. Eligible layers are: {listing}")
+
+
+class BranchNotFoundError(LdbfxError, KeyError):
+    """A branch name or index does not exist, or names a branch that may not be dropped."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
 
 
 class NoEligibleLayerWarning(UserWarning):

@@ -34,7 +34,6 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .trace import (
-    AUTOCAST_ATTR,
     CheckpointCalled,
     TracedModel,
     _refuse_global_hooks,
@@ -228,5 +227,4 @@ def export_model(
     constants = {k: v for k, v in owned.items() if isinstance(v, torch.Tensor)}
     attributes = {k: v for k, v in owned.items() if not isinstance(v, torch.Tensor)}
     # The graph fixes the dtypes it saw: the forward refuses to run under another autocast.
-    attributes[AUTOCAST_ATTR] = autocast_state()
-    return TracedModel(train.graph, None if same else evaluation.graph, constants, attributes)
+    return TracedModel(train.graph, None if same else evaluation.graph, constants, attributes, autocast_state())

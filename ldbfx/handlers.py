@@ -29,6 +29,8 @@ from .trace import has_hooks
 __all__ = [
     "Handler", "register_module_handler", "register_function_handler", "module_handler",
     "function_handler", "LINEAR_MODULE",
+    # What the pass driver (ldbfx.rewrite) runs the handlers with.
+    "Rewriter", "GENERIC_PARAM", "param_of",
 ]
 
 

@@ -45,7 +45,7 @@ from .install import (
 from .mask import discard_skipped
 from .trace import has_hooks
 
-__all__ = ["LdbCallback"]
+__all__ = ["LdbCallback", "tiny_model"]
 
 
 class LdbCallback(TrainerCallback):

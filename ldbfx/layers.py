@@ -27,7 +27,8 @@ from .records import Filter, Layer
 if TYPE_CHECKING:
     from .module import LdbGraphModule
 
-__all__ = ["Layer", "layers"]
+# Beside the public API: the pass's stage (plan, then build) that ldbfx.rewrite runs.
+__all__ = ["Layer", "layers", "LayerPlan", "plan_layers", "build_layers", "layer_edges"]
 
 @dataclass
 class NodePlan:

@@ -35,7 +35,8 @@ from .module import LdbGraphModule
 from .records import Layer
 from .state import LdbState, RowSelection
 
-__all__ = ["set_dropped", "dropped", "discard_skipped", "set_frozen_rows", "frozen_rows"]
+__all__ = ["set_dropped", "dropped", "discard_skipped", "set_frozen_rows", "frozen_rows", "row_layers", "row_count",
+           "refuse_sharded"]
 
 _hook_handle = None
 
@@ -91,7 +92,7 @@ def _index(gm: LdbGraphModule, layer: str | int | Layer) -> int:
     if isinstance(layer, Layer):
         layer = layer.index
     if isinstance(layer, str):
-        index = gm._ldbfx_index.get(layer)
+        index = gm.ldbfx_capture.layer_index.get(layer)
     elif isinstance(layer, int) and not isinstance(layer, bool):
         index = layer % len(layers) if -len(layers) <= layer < len(layers) else None
     else:
@@ -248,7 +249,7 @@ def _refuse_unsliceable(optimizer, param, state: dict) -> None:
 def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:
     layers = gm.ldbfx_layers
     index = layer.index if isinstance(layer, Layer) else (
-        gm._ldbfx_index.get(layer) if isinstance(layer, str) else layer)
+        gm.ldbfx_capture.layer_index.get(layer) if isinstance(layer, str) else layer)
     if not isinstance(index, int) or not -len(layers) <= index < len(layers):
         raise LayerNotFoundError.unknown(layer, [l.name for l in layers if l.kind in _ROW_KINDS])
     record = layers[index]
@@ -256,13 +257,40 @@ def _row_layer(gm: LdbGraphModule, layer: str | int | Layer) -> int:
         raise LayerNotFoundError(
             f"layer {record.name!r} (kind {record.kind!r}{', frozen' if record.reason == 'frozen' else ''}) "
             f"cannot freeze rows: only trainable {' and '.join(_ROW_KINDS)} layers can. "
-            f"Those are: {', '.join(l.name for l in layers if l.kind in _ROW_KINDS and l.reason != 'frozen')}")
+            f"Those are: {', '.join(l.name for l in row_layers(gm))}")
     return index % len(layers)
 
 
-def _refuse_sharded(param: torch.Tensor, what: str) -> None:
-    """Row freezing and Learn&Drop read and restore parameter slices and gradients as plain tensors;
-    FSDP2 shards them (DTensor). Refused rather than silently wrong."""
+def row_layers(gm: LdbGraphModule) -> tuple[Layer, ...]:
+    """The layers :func:`set_frozen_rows` accepts: the trainable linear and convolution layers.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> gm = ldbfx.transform(model, keep_first=0, keep_last=0)
+        >>> [l.name for l in ldbfx.mask.row_layers(gm)]
+        ['0', '2']
+    """
+    return tuple(l for l in gm.ldbfx_layers if l.kind in _ROW_KINDS and l.reason != "frozen")
+
+
+def row_count(gm: LdbGraphModule, layer: Layer, dim: int = 0) -> int:
+    """How many output rows (``dim=0``) or input columns (``dim=1``) ``layer``'s weight has: the
+    slices :func:`set_frozen_rows` chooses among.
+
+    Example:
+        >>> import torch, ldbfx
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> gm = ldbfx.transform(model, keep_first=0, keep_last=0)
+        >>> [ldbfx.mask.row_count(gm, l, dim=1) for l in ldbfx.mask.row_layers(gm)]
+        [4, 3]
+    """
+    return _row_params(gm.ldbfx_state, layer.index)[0].shape[dim]
+
+
+def refuse_sharded(param: torch.Tensor, what: str) -> None:
+    """Raises for an FSDP2-sharded parameter (a DTensor): row freezing and Learn&Drop read and
+    restore parameter slices and gradients as plain tensors. Refused rather than silently wrong."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
@@ -316,7 +344,7 @@ def set_frozen_rows(gm: LdbGraphModule, rows: Mapping[str | int | Layer, object]
     for layer, frozen in rows.items():
         index = _row_layer(gm, layer)
         weight, _ = _row_params(gm.ldbfx_state, index)
-        _refuse_sharded(weight, "set_frozen_rows (ChannelDropBack)")
+        refuse_sharded(weight, "set_frozen_rows (ChannelDropBack)")
         size = weight.shape[dim]
         frozen = torch.as_tensor(frozen, device="cpu")  # indices computed on a GPU index a CPU table
         if frozen.dtype == torch.bool:

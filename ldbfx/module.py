@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -11,13 +12,14 @@ import torch
 from torch import fx, nn
 
 from .errors import LdbfxError
+from .records import Capture
 from .state import LdbState
-from .trace import AUTOCAST_ATTR, autocast_state
+from .trace import autocast_state
 
 if TYPE_CHECKING:
     from .records import Branch, Layer, TransformConfig
 
-__all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR"]
+__all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR", "CAPTURE_ATTR", "captured_from", "changes_since_capture", "recheck_modes"]
 
 
 def _inside_ddp() -> bool:
@@ -43,6 +45,8 @@ def _cuda_graph_capture_error() -> Exception:
 MASK_ATTR = "_ldbfx_mask"
 #: Attribute holding the :class:`~ldbfx.state.LdbState`; the branch gates read it (``ops.branch``).
 STATE_ATTR = "ldbfx_state"
+#: Attribute holding the :class:`~ldbfx.records.Capture`.
+CAPTURE_ATTR = "ldbfx_capture"
 
 
 def _param_ref(model: nn.Module, qualified_name: str) -> tuple[nn.Module, str]:
@@ -66,6 +70,12 @@ class LdbGraphModule(fx.GraphModule):
     training=self.training)``), it holds both graphs and runs the one of its current mode; ``code``
     shows the train-mode graph and ``eval_code`` the other.
 
+    Per-model state lives in two attributes: ``ldbfx_capture``, the frozen
+    :class:`~ldbfx.records.Capture` (layers, branches, config, what the capture fixed), and
+    ``ldbfx_state``, the mutable :class:`~ldbfx.state.LdbState` (masks, what the last backward
+    skipped, rows, modes). ``ldbfx_layers``, ``ldbfx_branches``, ``ldbfx_edges`` and
+    ``ldbfx_config`` read the capture. The graph itself reads ``_ldbfx_mask`` and ``ldbfx_state``.
+
     Use :func:`ldbfx.transform` to create one.
     """
 
@@ -73,7 +83,7 @@ class LdbGraphModule(fx.GraphModule):
                  constants: dict[str, torch.Tensor], layers: tuple[Layer, ...],
                  edges: tuple[tuple[int, int], ...], config: TransformConfig,
                  attributes: dict[str, object] | None = None, branches: tuple[Branch, ...] = (),
-                 branch_layers: tuple[tuple[int, ...], ...] = ()):
+                 branch_layers: tuple[tuple[int, ...], ...] = (), autocast: tuple | None = None):
         # (module, attribute) per parameter, not the Parameter objects: wrappers that swap a
         # module's parameters (FSDP2's fully_shard registers sharded DTensors in their place)
         # must find the parameters the optimizer holds now, not those seen at transform time.
@@ -85,7 +95,20 @@ class LdbGraphModule(fx.GraphModule):
         lookup = {**constants, **modules, MASK_ATTR: mask, STATE_ATTR: state}
         targets = {n.target for g in (graph, eval_graph) if g is not None for n in g.nodes
                    if n.op in ("get_attr", "call_module")}
-        self.__dict__["_ldbfx_eval_graph"] = eval_graph  # read by recompile() during __init__
+        # An exported graph keeps the device and dtypes it was captured on (position ids made on
+        # that device, masks in that dtype): one parameter, looked up at each eager call, tells
+        # whether the model has moved since (.to(), .half(), Trainer moving it to its device).
+        first = next(((module, name, p) for module in model.modules()
+                      for name, p in module._parameters.items() if p is not None), None)
+        # The model's own modules (gm adds torch.export's guard module): an exported graph runs
+        # each of them in the mode it was captured in, which the next eager call checks.
+        self.__dict__[CAPTURE_ATTR] = Capture(
+            layers=layers, branches=branches, edges=edges, config=config, eval_graph=eval_graph,
+            autocast=autocast, placement=None if first is None else (*first[:2], first[2].device, first[2].dtype),
+            model_modules=tuple(m for name, m in model.named_modules() if name),
+            snapshot=_captured(model),  # what changes_since_capture compares
+            layer_index={layer.name: layer.index for layer in layers},
+            branch_index={b.name: b.index for b in branches})  # read by recompile() during __init__
         super().__init__({t: lookup[t] if t in lookup else attrgetter(t)(model) for t in targets},
                          graph, class_name=type(model).__name__)
         # Adopt the model's own hierarchy, so nothing is copied and nothing is missing: unused
@@ -110,37 +133,37 @@ class LdbGraphModule(fx.GraphModule):
         self.training = model.training  # not .train(): children keep their own (maybe mixed) modes
         self.__dict__[MASK_ATTR] = mask  # what the graph's get_attr reads: the state's mask
         #: The run-time state (mask, skipped layers, rows, dense mode): :class:`ldbfx.state.LdbState`.
-        self.__dict__["ldbfx_state"] = state
-        self.ldbfx_layers = layers
-        self.ldbfx_branches = branches
-        self._ldbfx_branch_index = {b.name: b.index for b in branches}
-        self.ldbfx_edges = edges
-        self.ldbfx_config = config
-        self._ldbfx_index = {layer.name: layer.index for layer in layers}
-        self.__dict__["_ldbfx_pinned_eval"] = ()  # modules gm.train() leaves in eval mode
-        # The model's own modules (gm adds torch.export's guard module): an exported graph runs
-        # each of them in the mode it was captured in, which recheck_modes makes the next call check.
-        self.__dict__["_ldbfx_model_modules"] = tuple(m for name, m in model.named_modules() if name)
-        recheck_modes(self)
-        self.__dict__["_ldbfx_captured"] = _captured(model)  # what changes_since_capture compares
-        # An exported graph keeps the device and dtypes it was captured on (position ids made on
-        # that device, masks in that dtype): one parameter, looked up at each eager call, tells
-        # whether the model has moved since (.to(), .half(), Trainer moving it to its device).
-        first = next(((module, name, p) for module in model.modules()
-                      for name, p in module._parameters.items() if p is not None), None)
-        self.__dict__[PLACEMENT_ATTR] = None if first is None else (*first[:2], first[2].device, first[2].dtype)
+        self.__dict__[STATE_ATTR] = state
 
-    def _ldbfx_params(self, index: int) -> tuple[nn.Parameter, ...]:
-        """The parameters of layer ``index`` as the model holds them now."""
-        return self.__dict__["ldbfx_state"].params(index)
+    @property
+    def ldbfx_layers(self) -> tuple[Layer, ...]:
+        """The layers in topological order (``ldbfx_capture.layers``; :func:`ldbfx.layers`)."""
+        return self.__dict__[CAPTURE_ATTR].layers
+
+    @property
+    def ldbfx_branches(self) -> tuple[Branch, ...]:
+        """The residual branches (``ldbfx_capture.branches``; :func:`ldbfx.branches`)."""
+        return self.__dict__[CAPTURE_ATTR].branches
+
+    @property
+    def ldbfx_edges(self) -> tuple[tuple[int, int], ...]:
+        """The layer DAG's edges (``ldbfx_capture.edges``; :func:`ldbfx.to_networkx`)."""
+        return self.__dict__[CAPTURE_ATTR].edges
+
+    @property
+    def ldbfx_config(self) -> TransformConfig:
+        """The options of :func:`ldbfx.transform` (``ldbfx_capture.config``)."""
+        return self.__dict__[CAPTURE_ATTR].config
 
     def train(self, mode: bool = True):
         """Sets the training mode, except for modules pinned in eval mode (Learn&Drop's frozen
         prefix: its BatchNorm layers keep using, and stop updating, their running statistics)."""
         super().train(mode)
-        for module in self.__dict__.get("_ldbfx_pinned_eval", ()):
-            module.train(False)
-        recheck_modes(self)
+        state = self.__dict__.get(STATE_ATTR)  # None while GraphModule.__init__ runs
+        if state is not None:
+            for module in state.pinned_eval:
+                module.train(False)
+            state.modes_unchecked = True
         return self
 
     def recompile(self):
@@ -151,30 +174,30 @@ class LdbGraphModule(fx.GraphModule):
         result = super().recompile()
         cls = type(self)
         train_forward = cls.forward
-        eval_graph = self.__dict__.get("_ldbfx_eval_graph")
-        eval_forward = train_forward if eval_graph is None else _forward_of(eval_graph)
+        capture = self.__dict__[CAPTURE_ATTR]
+        eval_forward = train_forward if capture.eval_graph is None else _forward_of(capture.eval_graph)
 
         @functools.wraps(train_forward)
         def forward(self, *args, **kwargs):
+            capture = self.__dict__[CAPTURE_ATTR]
             if not torch.compiler.is_compiling():  # compiled: the backward records what it skips
-                state = self.__dict__["ldbfx_state"]
+                state = self.__dict__[STATE_ATTR]
                 if state.dense_auto and _inside_ddp():
                     state.set_dense(True)  # for good: the model runs under DDP
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                     raise _cuda_graph_capture_error()
                 if torch.is_grad_enabled():  # eager ops read the mask now
                     state.record_forward()
-                captured = self.__dict__.get(AUTOCAST_ATTR)  # torch.export graphs only
-                if captured is not None:
+                if capture.autocast is not None:  # torch.export graphs only
                     check_placement(self)
-                    if captured != autocast_state():
-                        raise _autocast_error(captured)
+                    if capture.autocast != autocast_state():
+                        raise _autocast_error(capture.autocast)
                     # Set by train()/eval(), which pass over the modules themselves; a loop
                     # that calls train() every step (Trainer does) pays a second such pass.
-                    if self.__dict__[MODES_UNCHECKED]:
+                    if state.modes_unchecked:
                         check_modes(self)
-                        self.__dict__[MODES_UNCHECKED] = False
-            elif AUTOCAST_ATTR in self.__dict__:
+                        state.modes_unchecked = False
+            elif capture.exported:
                 check_modes(self)  # traced: Dynamo guards on the modes it read, and retraces
                 check_placement(self)
             if self.training:
@@ -187,7 +210,7 @@ class LdbGraphModule(fx.GraphModule):
     @property
     def eval_code(self) -> str:
         """Python code of the eval-mode graph (the same as ``code`` when the modes agree)."""
-        eval_graph = self.__dict__.get("_ldbfx_eval_graph")
+        eval_graph = self.__dict__[CAPTURE_ATTR].eval_graph
         return self.code if eval_graph is None else eval_graph.python_code(root_module="self").src
 
     def __deepcopy__(self, memo):
@@ -196,18 +219,19 @@ class LdbGraphModule(fx.GraphModule):
         memo[id(self)] = result
         # The state first: its copy brings a new mask (with its own id), which the graph's
         # get_attr must read in the copy, not a second copy of the old mask.
-        state = copy.deepcopy(self.__dict__["ldbfx_state"], memo)
+        state = copy.deepcopy(self.__dict__[STATE_ATTR], memo)
         memo[id(self.__dict__[MASK_ATTR])] = state.mask
         result.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        result.graph = result._graph  # re-owns the graph and regenerates forward
-        # The copy's modules are new objects: its capture record names them, under the names
+        # The copy's modules are new objects: its capture snapshot names them, under the names
         # the original's had (gm's own modules, torch.export's guard, were never the model's);
         # the config's values are copied as they are.
-        then, now = self.__dict__["_ldbfx_captured"], _captured(result)
-        result.__dict__["_ldbfx_captured"] = {
+        capture = result.__dict__[CAPTURE_ATTR]
+        then, now = capture.snapshot, _captured(result)
+        result.__dict__[CAPTURE_ATTR] = dataclasses.replace(capture, snapshot={
             **{key: {n: v for n, v in now[key].items() if n in then[key]}
                for key in ("modules", "parameters", "placement", "hooks")},
-            "config": then["config"]}
+            "config": then["config"]})
+        result.graph = result._graph  # re-owns the graph and regenerates forward
         return result
 
     def __reduce__(self):
@@ -218,15 +242,12 @@ class LdbGraphModule(fx.GraphModule):
         )
 
 
-MODES_UNCHECKED = "_ldbfx_modes_unchecked"  # an exported graph checks its modules' modes next call
-PLACEMENT_ATTR = "_ldbfx_placement"  # (module, name, device, dtype) of the model's first parameter
-
-
 def check_placement(gm: LdbGraphModule) -> None:
     """Refuses to run an exported graph whose model moved to another device or dtype since the
     capture (one parameter's lookup: every call can afford it)."""
-    placement = gm.__dict__.get(PLACEMENT_ATTR)
-    if placement is None or AUTOCAST_ATTR not in gm.__dict__:
+    capture = gm.__dict__[CAPTURE_ATTR]
+    placement = capture.placement
+    if placement is None or not capture.exported:
         return
     module, name, device, dtype = placement
     param = module._parameters.get(name)
@@ -246,7 +267,7 @@ _PLACEMENT_FIX = (
 def recheck_modes(gm: LdbGraphModule) -> None:
     """Makes ``gm`` check its modules' train/eval modes (:func:`check_modes`) at its next eager
     call: to be called wherever the modes may have changed without ``gm.train()``."""
-    gm.__dict__[MODES_UNCHECKED] = True
+    gm.__dict__[STATE_ATTR].modes_unchecked = True
 
 
 def check_modes(gm: LdbGraphModule) -> None:
@@ -256,7 +277,7 @@ def check_modes(gm: LdbGraphModule) -> None:
     train. Costs a pass over the modules, so eager calls run it after a mode change, not every
     step; a compiled call runs it while tracing, and Dynamo's guards on the modes retrace."""
     mode = gm.training
-    odd = [m for m in gm.__dict__["_ldbfx_model_modules"] if m.training != mode]
+    odd = [m for m in gm.__dict__[CAPTURE_ATTR].model_modules if m.training != mode]
     if odd:
         names = {id(m): name for name, m in gm.named_modules()}
         listed = ", ".join(repr(names.get(id(m), type(m).__name__)) for m in odd[:5])
@@ -306,7 +327,7 @@ def _captured(model: nn.Module) -> dict:
 
 def captured_from(gm: LdbGraphModule, model: nn.Module) -> bool:
     """Whether ``gm`` was captured from ``model`` (they share a module object), changed since or not."""
-    captured = set(gm.__dict__["_ldbfx_captured"]["modules"].values())
+    captured = set(gm.__dict__[CAPTURE_ATTR].snapshot["modules"].values())
     return any(id(m) in captured for m in model.modules())
 
 
@@ -316,14 +337,14 @@ def changes_since_capture(gm: LdbGraphModule, model: nn.Module) -> list[str]:
     adapters), hooks added to a module that had none (Trainer's NEFTune), config values changed
     (Trainer's pad token alignment). Empty when nothing did. O(modules): for :func:`ldbfx.install` and the
     Trainer callback, not for every step."""
-    then, now = gm.__dict__["_ldbfx_captured"], _captured(model)
+    then, now = gm.__dict__[CAPTURE_ATTR].snapshot, _captured(model)
     replaced = [n for n, i in then["modules"].items() if now["modules"].get(n, i) != i]
     swapped = [n for n, i in then["parameters"].items() if now["parameters"].get(n, i) != i]
     removed = [n for n in then["modules"] if n not in now["modules"]]
     added = [n for n in now["modules"] if n not in then["modules"]]
     hooked = [n for n, hooks in now["hooks"].items()
               if n in then["hooks"] and not any(then["hooks"][n]) and any(hooks)]
-    exported = AUTOCAST_ATTR in gm.__dict__  # only torch.export graphs fix the device and dtypes
+    exported = gm.__dict__[CAPTURE_ATTR].exported  # only torch.export graphs fix the device and dtypes
     moved = [n for n, place in then.get("placement", {}).items()
              if exported and now["placement"].get(n, place) != place]
     config = sorted(k for k in set(then["config"] or {}) | set(now["config"] or {})

@@ -1,7 +1,8 @@
-"""The records of a transformed model: :class:`Layer`, :class:`Branch` and :class:`TransformConfig`.
+"""The records of a transformed model: :class:`Layer`, :class:`Branch`, :class:`TransformConfig` and
+the :class:`Capture` that holds them.
 
 Frozen dataclasses that :func:`ldbfx.transform` builds (the layers, the residual branches) or
-records (its options), stored on the module it returns. They import nothing else of ldbfx, so the
+records (its options), stored on the module it returns as ``gm.ldbfx_capture``. They import nothing else of ldbfx, so the
 run time (:mod:`ldbfx.module`, :mod:`ldbfx.mask`) can name them without importing the graph pass
 that computes them (:mod:`ldbfx.layers`, :mod:`ldbfx.branches`, :mod:`ldbfx.rewrite`), which
 re-export them under their old paths.
@@ -9,12 +10,14 @@ re-export them under their old paths.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
 
-__all__ = ["Layer", "Branch", "TransformConfig", "Filter"]
+__all__ = ["Layer", "Branch", "TransformConfig", "Filter", "Capture"]
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -122,3 +125,43 @@ class TransformConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.filter is not None and not callable(self.filter):
             raise TypeError(f"filter must be a callable (module, name) -> bool, got {self.filter!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class Capture:
+    """What :func:`ldbfx.transform` captured and decided: fixed for the life of the transformed
+    module, which keeps it as ``gm.ldbfx_capture`` (what changes at run time, the masks and what
+    the optimizer hook reads, is ``gm.ldbfx_state``, an :class:`ldbfx.state.LdbState`).
+
+    Attributes:
+        layers: the layers, in topological order (``layers[i].index == i``).
+        branches: the residual branches, in topological order of their adds.
+        edges: ``(i, j)`` where data flows from layer ``i`` to layer ``j`` without crossing another.
+        config: the options of :func:`ldbfx.transform`.
+        eval_graph: the eval-mode graph where the model's modes trace differently, else None.
+        autocast: for a ``torch.export`` capture, the autocast it ran under (the graph fixes the
+            dtypes it saw: each eager call checks it); None for ``torch.fx``.
+        placement: ``(module, name, device, dtype)`` of the model's first parameter when captured
+            (an exported graph refuses to run once the model has moved), or None.
+        model_modules: the model's own modules (an exported graph checks their train/eval modes).
+        snapshot: what :func:`ldbfx.module.changes_since_capture` compares: module and parameter
+            identities, hooks, placement and a Hugging Face config's values, as captured.
+        layer_index: layer name -> index; ``branch_index``: branch name -> index.
+    """
+
+    layers: tuple[Layer, ...]
+    branches: tuple[Branch, ...]
+    edges: tuple[tuple[int, int], ...]
+    config: TransformConfig
+    eval_graph: fx.Graph | None
+    autocast: tuple | None
+    placement: tuple[nn.Module, str, torch.device, torch.dtype] | None
+    model_modules: tuple[nn.Module, ...]
+    snapshot: Mapping[str, Any]
+    layer_index: Mapping[str, int]
+    branch_index: Mapping[str, int]
+
+    @property
+    def exported(self) -> bool:
+        """Whether the graph was captured by ``torch.export`` (which fixes modes, devices, dtypes)."""
+        return self.autocast is not None

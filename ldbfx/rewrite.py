@@ -27,8 +27,9 @@ import torch
 from torch import fx, nn
 
 from . import ops
-from .branches import Branch, BranchNotFoundError, build_branches, insert_gates, plan_branches
-from .errors import NoEligibleLayerWarning, TraceError
+from .branch_gates import insert_gates
+from .branches import Branch, build_branches, plan_branches
+from .errors import BranchNotFoundError, NoEligibleLayerWarning, TraceError
 from .handlers import GENERIC_PARAM, Rewriter, param_of
 from .layers import LayerPlan, build_layers, layer_edges, plan_layers
 from .module import STATE_ATTR, LdbGraphModule
@@ -211,7 +212,7 @@ def transform(
         )
     return LdbGraphModule(model, traced.train_graph, traced.eval_graph, traced.constants, layers,
                           edges, config, traced.attributes, branch_records,
-                          tuple(b.inner for b in branch_plans))
+                          tuple(b.inner for b in branch_plans), autocast=traced.autocast)
 
 
 def _refuse_quantized(model: nn.Module) -> None:

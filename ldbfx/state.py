@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LdbState", "RowSelection", "state_of"]
+__all__ = ["LdbState", "RowSelection", "state_of", "native_records_in_use"]
 
 _IDS = itertools.count(1)
 _STATES: weakref.WeakValueDictionary[int, LdbState] = weakref.WeakValueDictionary()
@@ -78,6 +78,9 @@ class LdbState:
         dropped_branches: indices of the branches in ``branch_mask`` now.
         branch_cut: whether a compiled forward splits before each gated add (set by the first
             non-empty :meth:`set_dropped_branches`, never cleared: one recompile, ever).
+        pinned_eval: modules that ``gm.train()`` leaves in eval mode (Learn&Drop's frozen prefix).
+        modes_unchecked: an exported graph checks its modules' train/eval modes at its next eager
+            call (set by ``gm.train()`` and :func:`ldbfx.module.recheck_modes`).
     """
 
     def __init__(self, param_refs: tuple[tuple[ParamRef, ...], ...],
@@ -113,6 +116,8 @@ class LdbState:
         self.branch_mask = torch.zeros(len(branch_layers), dtype=torch.bool, device="cpu")
         self.dropped_branches: tuple[int, ...] = ()
         self.branch_cut = False
+        self.pinned_eval: tuple[nn.Module, ...] = ()
+        self.modes_unchecked = True
         _STATES[self.id] = self
         if _native_in_use:
             self._register_native()
@@ -278,6 +283,8 @@ class LdbState:
         result.skipped = set(self.skipped)
         result.set_rows(copy.deepcopy(self.rows, memo), self.rows_exact)
         result.dense, result.dense_auto = self.dense, self.dense_auto
+        result.pinned_eval = copy.deepcopy(self.pinned_eval, memo)
+        result.modes_unchecked = True
         if result.skipped:
             _ACTIVE.add(result)
         return result

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from .errors import TraceError
 
-__all__ = ["LdbfxTracer", "TracedModel", "trace_model"]
+__all__ = ["LdbfxTracer", "TracedModel", "trace_model", "has_hooks", "autocast_state"]
 
 
 def _timm_fx_registries() -> tuple[set[type], set[Callable]]:
@@ -85,6 +85,8 @@ class TracedModel:
     # Modules and plain attributes the graphs need besides the model's (torch.export's guard
     # module and its input/output specs): kept by the transformed module, absent from state_dict.
     attributes: dict[str, Any] = field(default_factory=dict)
+    # torch.export only: the autocast the graph was captured under (it fixes the dtypes it saw).
+    autocast: tuple | None = None
 
 
 class CheckpointCalled(Exception):
@@ -280,9 +282,6 @@ def _refuse_global_hooks() -> None:
             "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook "
             "or similar): the rewritten graph calls its layers' ops, not their modules, so those hooks "
             "would not run for them. Remove them before ldbfx.transform")
-
-
-AUTOCAST_ATTR = "_ldbfx_autocast"  # the autocast a torch.export graph was captured under
 
 
 def autocast_state() -> tuple:

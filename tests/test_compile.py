@@ -125,7 +125,7 @@ def test_compiled_channel_dropback_one_compile(case):
         for name, g in want.items():
             _close(got[name], g)
         layer = next(iter(frozen))
-        weight = next(p for p in ldbfx.layers(gm)[gm._ldbfx_index[layer]].params if params[p].dim() >= 2)
+        weight = next(p for p in ldbfx.layers(gm)[gm.ldbfx_capture.layer_index[layer]].params if params[p].dim() >= 2)
         assert not got[weight][frozen[layer]].any()
         before = params[weight].detach()[frozen[layer]].clone()
         opt.step()

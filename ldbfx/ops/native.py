@@ -5,7 +5,7 @@ default).
 The compiled backward calls one mask-reading kernel per layer and step. Their Python bodies cost
 ~11 us per call more than the C++ ones in a loop, and 60-70 us per call inside a compiled
 ResNet-50 step on a 2-core CPU, where caches are cold: 3-4 ms of such a step (docs/benchmarks.md,
-"Kernels without Python" and "Where ldbfx's milliseconds over freezing go"). The C++ bodies do the same work with the
+"What one kernel call costs"; docs/history.md, "The compiled path: mechanisms compared"). The C++ bodies do the same work with the
 same aten calls (the same bytes), without Python. Building needs a C++ compiler (ninja comes
 with ldbfx) and takes 8-15 s on 2 cores, once per machine and torch version. Where the build fails, or
 ``LDBFX_NATIVE=0`` is set, the Python kernels run instead: the same gradients, and one warning

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from ..layers import layers as _layers
-from ..mask import _ROW_KINDS, _row_params, set_frozen_rows
+from ..mask import row_count, row_layers, set_frozen_rows
 from .ldb import check_saved_settings
 
 __all__ = ["ChannelDropBack", "channel_rate_at"]
@@ -124,7 +123,7 @@ class ChannelDropBack:
             raise ValueError(f"skip_first must be an integer >= 0, got {skip_first!r}")
         if rescale and optimizer is None:
             raise ValueError("rescale=True scales gradients before optimizer.step(): pass the optimizer")
-        records = [l for l in _layers(gm) if l.kind in _ROW_KINDS and l.reason != "frozen"]
+        records = row_layers(gm)
         if len(records) <= skip_first:
             raise ValueError(f"no candidate layer: the model has {len(records)} trainable linear/conv "
                              f"layers and skip_first={skip_first}")
@@ -134,7 +133,7 @@ class ChannelDropBack:
         self.skip_first, self.selection, self.exact, self.rescale = skip_first, selection, exact, rescale
         self.seed = seed
         self._records = tuple(records[skip_first:])
-        self._sizes = tuple(_row_params(gm.ldbfx_state, l.index)[0].shape[dim] for l in self._records)
+        self._sizes = tuple(row_count(gm, l, dim) for l in self._records)
         self._generator = torch.Generator().manual_seed(seed)
         self.epoch: int | None = None
         self.rate = 0.0
@@ -166,7 +165,7 @@ class ChannelDropBack:
         for position, rows in self._frozen.items():
             size = self._sizes[position]
             if 0 < rows.numel() < size:
-                for param in self.gm._ldbfx_params(self._records[position].index):
+                for param in self.gm.ldbfx_state.params(self._records[position].index):
                     if param.grad is not None and (param.dim() >= 2 or self.dim == 0):
                         param.grad.mul_(size / (size - rows.numel()))
 

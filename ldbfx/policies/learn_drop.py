@@ -50,7 +50,7 @@ from torch import fx
 
 from ..errors import LdbfxError
 from ..layers import layers as _layers
-from ..mask import _ROW_KINDS, _refuse_sharded
+from ..mask import refuse_sharded, row_layers
 from ..module import MASK_ATTR
 from .ldb import check_saved_settings
 
@@ -152,7 +152,7 @@ class LearnAndDrop:
         if cache is not None and not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError("the feature cache stores one entry per training sample: pass num_samples=len(dataset)")
         all_layers = _layers(gm)
-        scored = [l.index for l in all_layers if l.kind in _ROW_KINDS and l.reason != "frozen"]
+        scored = [l.index for l in row_layers(gm)]
         if len(scored) < 2:
             raise ValueError(f"Learn&Drop needs at least 2 trainable linear/conv layers, found {len(scored)}")
         self.gm, self.optimizer, self.warmup_epochs = gm, optimizer, warmup_epochs
@@ -176,7 +176,7 @@ class LearnAndDrop:
 
     # -- scores -----------------------------------------------------------------------------------
     def _current_weights(self) -> tuple[torch.Tensor, ...]:
-        return tuple(max(self.gm._ldbfx_params(i), key=lambda p: p.dim()) for i in self._scored)
+        return tuple(max(self.gm.ldbfx_state.params(i), key=lambda p: p.dim()) for i in self._scored)
 
     def _reset_accumulators(self) -> None:
         head = self._weights[self.frozen_units:]
@@ -201,7 +201,7 @@ class LearnAndDrop:
     def start_epoch(self, epoch: int) -> None:
         """Starts an epoch: fresh score accumulators."""
         for param in self._weights:
-            _refuse_sharded(param, "Learn&Drop")
+            refuse_sharded(param, "Learn&Drop")
         if any(w is not current for w, current in zip(self._weights, self._current_weights())):
             raise LdbfxError("the model's parameters were replaced after LearnAndDrop was built (a "
                              "wrapper such as fully_shard?): build the policy on the final model")
@@ -256,10 +256,10 @@ class LearnAndDrop:
                              f"(frozen layers are never reinstated; the last scored layer always trains), got {units}")
         self.frozen_units = units
         for layer in self._layers[: self.cut_layer]:
-            for param in self.gm._ldbfx_params(layer.index):
+            for param in self.gm.ldbfx_state.params(layer.index):
                 param.requires_grad_(False)
                 param.grad = None
-        self.gm.__dict__["_ldbfx_pinned_eval"] = tuple(self._prefix_modules())
+        self.gm.ldbfx_state.pinned_eval = tuple(self._prefix_modules())
         self.gm.train(self.gm.training)  # applies the pinning now
         self._head = self._prefix = self._store = None  # the cut moved: a new split and cache
 
