@@ -23,9 +23,9 @@ from dataclasses import replace
 import torch
 
 import ldbfx
-from ldbfx.data import load as load_data
+from ldbfx.app.data import load as load_data
 from ldbfx.policies.ldb import is_drop_epoch
-from ldbfx.train import TrainConfig, build_model, train
+from ldbfx.app.train import TrainConfig, build_model, train
 
 POLICY_OPTIONS = {
     "ldb": {},

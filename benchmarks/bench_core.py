@@ -4,7 +4,7 @@
         --steps 5 --rounds 4 --out cpu.json
 """
 
-from ldbfx.bench import main
+from ldbfx.app.bench import main
 
 if __name__ == "__main__":
     main()

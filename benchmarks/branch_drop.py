@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta
+from ldbfx.app.bench import make_model, run_meta
 
 
 def _subset(items, rate, seed=0):

@@ -1,7 +1,7 @@
 """Does the compiled path save *time*, not only FLOPs? ldbfx under ``torch.compile`` vs the ideal.
 
     python benchmarks/compiled_path.py --models resnet50 vit_b_16 --resolution 64 --batch 16 \
-        --rounds 15 --out benchmarks/results/compiled-path.json
+        --rounds 15 --out compiled-path.json
 
 Per model, compiled once each with Inductor and timed in one process:
 
@@ -10,8 +10,9 @@ Per model, compiled once each with Inductor and timed in one process:
   compiled for that one mask (a second guarded graph);
 * ``ldbfx0`` / ``ldbfx``: the transformed model compiled once, with nothing dropped / with
   ``--fraction`` of the eligible layers dropped (the same random subset as the ideal's);
-* with ``--mechanisms A B``: ``ldbfx0`` and ``ldbfx`` once per compiled-path mechanism
-  (``ldbfx.ops.path.MECHANISMS``), each on its own transformed model and compile.
+* with ``--mechanisms native library``: ``ldbfx0`` and ``ldbfx`` once per compiled-path mechanism
+  (``ldbfx.ops.path.MECHANISMS``: the C++ kernels and their Python fallback), each on its own
+  transformed model and compile.
 
 A step is ``zero_grad`` (set to None) + forward + cross-entropy + backward. Each round runs every
 variant for one warm-up step and ``--steps`` timed steps, in an order rotated per round; the
@@ -20,27 +21,33 @@ ideal's saving and ldbfx's over the baseline, ldbfx's share of the ideal's savin
 and the cost with nothing dropped (target <= 5%). For information, each ldbfx variant's median
 over rounds of its difference from its reference in the same round (``paired_medians``).
 
-The quieter protocol of 2026-12-02 (docs/benchmarks.md): one thread, single-step rounds, and
-glibc told to keep freed memory (otherwise every step's large buffers come back as fresh pages,
-and page faults, counted as system time, add more noise than the differences measured):
+The protocol of docs/benchmarks.md ("Does the compiled path keep freezing's saving?"): one
+thread, single-step rounds, and glibc told to keep freed memory (otherwise every step's large
+buffers come back as fresh pages, and page faults, counted as system time, add more noise than
+the differences measured):
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/compiled_path.py --models resnet50 vit_b_16 --threads 1 --rounds 20 --steps 1
 
-``--unfilled-zeros`` adds ``ldbfx_unfilled``: ldbfx with the same drops but the dropped layers'
-zero dW left unwritten (garbage, so not a mode of ldbfx), to measure what writing the zeros costs.
 ``--profile 3`` adds, per variant, the ``aten::copy_`` calls per step and the time of the
 convolution backward under ``torch.profiler`` (how the layout copies of 2026-12-02 were found).
 Each run compiles into a fresh Inductor cache directory unless ``--keep-inductor-cache``.
 
 ``--processes N`` runs all of that in N fresh processes, one after another, and also pools each
 variant's minimum over all their rounds (see ``pooled``; each process's own figures are kept and
-printed, and they are the single-process protocol's). Within one process the minimum is precise
-(two compiled copies of each variant agreed within 1.6 ms), but processes differ by ~10 ms on
-ResNet-50; the pooled figure is the floor under the quietest process's conditions:
+printed, and they are the single-process protocol's). Within one process the minimum is precise,
+but processes differ by ~10 ms on ResNet-50 on a noisy machine; the pooled figure is the floor
+under the quietest process's conditions:
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824 \
         python benchmarks/compiled_path.py --models resnet50 --threads 1 --rounds 20 --steps 1 --processes 3
+
+``--paired-share FILE ...`` measures nothing: it reads result files (``.json`` as ``--out`` writes
+them, or ``.jsonl`` with one such run per line, as benchmarks/results/ keeps a machine's runs) and
+prints, per ldbfx variant with drops, the share of freezing's saving read from the per-round
+differences (``paired_share``), steadier than the minima's on a noisy machine:
+
+    python benchmarks/compiled_path.py --paired-share benchmarks/results/2026-12-04-cpu-compiled-path-xeon.jsonl
 """
 
 from __future__ import annotations
@@ -60,8 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta, seeded_drop
-from ldbfx.ops import kernels as ops_kernels
+from ldbfx.app.bench import make_model, run_meta, seeded_drop
 from ldbfx.ops import path as ops_path
 
 
@@ -99,15 +105,6 @@ def bench(name: str, args) -> dict:
         variants["ldbfx0" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, []), lambda: None)
         variants["ldbfx" + suffix] = (compiled, mech, lambda g=g: ldbfx.set_dropped(g, drop),
                                       lambda g=g: ldbfx.set_dropped(g, []))
-        if args.unfilled_zeros:
-            def unfilled(g=g):
-                ldbfx.set_dropped(g, drop)
-                ops_kernels._dropped_weight_grad = _unfilled
-
-            def filled(g=g):
-                ldbfx.set_dropped(g, [])
-                ops_kernels._dropped_weight_grad = _dropped_weight_grad
-            variants["ldbfx_unfilled" + suffix] = (compiled, mech, unfilled, filled)
 
     def step(module):
         for p in params:
@@ -188,8 +185,8 @@ def paired_medians(rounds_by_process: list[dict[str, list[float]]]) -> dict[str,
 
     The minima compare each variant's single best round, which may come from different rounds; a
     round runs every variant back to back, so its differences cancel the drift between rounds.
-    The two disagreed in sign on one run of 2026-12-03 (``benchmarks/adhoc/norm_gate_ab.py``), so
-    both are reported, the minima's share being the criterion's.
+    The two can disagree in sign on a noisy machine, so both are reported, the minima's share
+    being the criterion's.
     """
     medians = {}
     for name in rounds_by_process[0]:
@@ -206,13 +203,45 @@ def _reference(variant: str) -> str:
     return "baseline" if variant.startswith("ldbfx0") else "ideal"
 
 
-_dropped_weight_grad = ops_kernels._dropped_weight_grad
+def load_runs(path: str) -> list[dict]:
+    """The runs of a result file: one for a ``.json`` (what ``--out`` writes), one per line for a
+    ``.jsonl`` (benchmarks/results/ keeps a machine's runs of this script so)."""
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        return [json.load(f)]
 
 
-def _unfilled(like, shape, strides):
-    """Not a mode of ldbfx: dropped layers' dW left unwritten (garbage), to measure what writing
-    the zeros costs (``--unfilled-zeros``)."""
-    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
+def paired_share(row: dict) -> dict[str, tuple[float, float, float]]:
+    """Per ldbfx variant with drops of one result row (all its processes' rounds): the median over
+    rounds of baseline minus ideal (freezing's saving, ms), of the variant minus ideal (ms), and
+    the share ``1 - median(ldbfx - ideal) / median(baseline - ideal)``.
+
+    Each round runs every variant back to back, so differences within a round cancel the drift
+    between rounds that moves the minima by tens of ms between processes on a noisy machine."""
+    rounds = [p["rounds_ms"] for p in row.get("per_process", [row]) if "rounds_ms" in p]
+    if not rounds:  # the oldest files kept only the minima
+        return {}
+    saving = statistics.median(b - i for r in rounds for b, i in zip(r["baseline"], r["ideal"]))
+    shares = {}
+    for name in rounds[0]:
+        if name.startswith("ldbfx") and not name.startswith("ldbfx0"):
+            above = statistics.median(a - i for r in rounds for a, i in zip(r[name], r["ideal"]))
+            shares[name] = (saving, above, 1 - above / saving)
+    return shares
+
+
+def print_paired_shares(paths: list[str]) -> None:
+    """``--paired-share``: each run's share by per-round medians, beside the minima's."""
+    for path in paths:
+        runs = load_runs(path)
+        for i, run in enumerate(runs):
+            label = run.get("file") or (path if len(runs) == 1 else f"{path}, line {i + 1}")
+            for row in run["rows"]:
+                for name, (saving, above, share) in paired_share(row).items():
+                    print(f"{label}: {row['model']} {name}: median(baseline - ideal) {saving:.1f} ms, "
+                          f"median({name} - ideal) {above:+.1f} ms, share by medians {share:.0%} "
+                          f"(minima: {row[name + '_share_of_ideal']:.0%})")
 
 
 def profile_copies(steps, count: int) -> dict:
@@ -243,8 +272,7 @@ def report(rows) -> list[str]:
             lines.append(f"{r['model']}, pooled over {len(r['per_process'])} processes (minimum per variant):")
         for key, value in r.items():
             if key.endswith("_share_of_ideal"):
-                verdict = ("(zeros unwritten: not a mode, no target)" if "unfilled" in key
-                           else f"(target 90%) {'PASS' if value >= 0.9 else 'FAIL'}")
+                verdict = f"(target 90%) {'PASS' if value >= 0.9 else 'FAIL'}"
                 lines.append(f"{r['model']}: {key[:-15]} saves {100 * r[key[:-15] + '_saving']:.1f}% vs ideal "
                              f"{100 * r['ideal_saving']:.1f}% -> {100 * value:.0f}% of ideal {verdict}")
             elif key.endswith("_cost"):
@@ -266,15 +294,12 @@ def main(argv=None):
     parser.add_argument("--fraction", type=float, default=0.3, help="share of the eligible layers dropped")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round and variant")
-    parser.add_argument("--mechanisms", nargs="*", default=None,
-                        help=f"compiled-path mechanisms to compare (of {list(ops_path.MECHANISMS)})")
+    parser.add_argument("--mechanisms", nargs="*", default=None, choices=ops_path.MECHANISMS,
+                        help="compiled-path mechanisms to compare, each on its own compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 leaves the VM's other core to interference)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile STEPS steps per variant: copies and convolution_backward time")
-    parser.add_argument("--unfilled-zeros", action="store_true",
-                        help="add ldbfx_unfilled: dropped layers' dW left unwritten (garbage; not a mode of "
-                             "ldbfx), to measure what writing their zeros costs")
     parser.add_argument("--keep-inductor-cache", action="store_true",
                         help="reuse Inductor's on-disk cache (by default each run compiles afresh: the cache "
                              "keys on the graph, not on the custom ops' tags, so it can serve code compiled "
@@ -282,9 +307,14 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, default=1,
                         help="run the whole measurement in N fresh processes, one after another, and "
                              "pool each variant's minimum over all their rounds (see pooled())")
+    parser.add_argument("--paired-share", nargs="+", default=None, metavar="FILE",
+                        help="measure nothing: print the shares by per-round medians of these result files")
     parser.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # a child's rows
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.paired_share:
+        print_paired_shares(args.paired_share)
+        return
     if not args.keep_inductor_cache:
         cache = tempfile.mkdtemp(prefix="ldbfx-compiled-path-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldbfx.bench import run_meta
+from ldbfx.app.bench import run_meta
 
 SHAPES = {  # name: (batch, in, out, size, kernel, stride, groups)
     "3x3 64->64 @28": (8, 64, 64, 28, 3, 1, 1),

@@ -28,8 +28,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta
-from ldbfx.train import _sync
+from ldbfx.app.bench import make_model, run_meta
+from ldbfx.app.train import _sync
 
 
 def _setup(name, args, drop_rate, device, hook):

@@ -36,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ldbfx
-from ldbfx.bench import run_meta
+from ldbfx.app.bench import run_meta
 
 
 def make_model(args):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta
-from ldbfx.train import _sync
+from ldbfx.app.bench import make_model, run_meta
+from ldbfx.app.train import _sync
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ On the embedded digits data with the demo's set-up (ResNet-18, 8 epochs, batch 6
 kappa 2). Per seed: one baseline run, then one LDB run per drop rate (same seed, data order and
 initialisation). Per rate it records final accuracy, wall-clock time saved by the whole run, the
 share of backward FLOPs skipped in DROP epochs, and a controlled speed-up estimate (per-sample
-step times measured in rotated blocks by :func:`ldbfx.demo.decompose_speedup`, combined with the
+step times measured in rotated blocks by :func:`ldbfx.app.demo.decompose_speedup`, combined with the
 epoch schedule) that is less noisy than one run's wall clock on a shared CPU.
 
 ``--speed-only`` skips training and measures only the controlled estimate per rate (about 15 s
@@ -26,8 +26,8 @@ from dataclasses import replace
 
 import torch
 
-from ldbfx.demo import decompose_speedup
-from ldbfx.train import TrainConfig, train
+from ldbfx.app.demo import decompose_speedup
+from ldbfx.app.train import TrainConfig, train
 
 
 def _controlled_speedup(config: TrainConfig, n_drop: int, n_full: int) -> float:

@@ -65,7 +65,7 @@ def main():
     ok = [r for r in rows if r["export"]["ok"]]
     print(f"export captures {len(ok)} of {len(rows)}; eval-equal {sum(r['export']['eval_equal'] for r in ok)}")
     if args.out:
-        from ldbfx.bench import run_meta
+        from ldbfx.app.bench import run_meta
 
         with open(args.out, "w") as f:
             json.dump({"meta": {**run_meta("cpu"), "command": "python benchmarks/export_zoo.py"}, "rows": rows}, f, indent=1)

@@ -1,4 +1,4 @@
-"""What the compiled path's kernels cost per call, over the aten work they wrap (CPU, one thread).
+"""What does one compiled-path kernel call cost, over the aten work it wraps? (CPU, one thread)
 
     python benchmarks/kernel_overhead.py --out benchmarks/results/kernel-overhead.json
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 import ldbfx
-from ldbfx.bench import run_meta
+from ldbfx.app.bench import run_meta
 from ldbfx.ops import kernels
 
 
@@ -62,8 +62,7 @@ def main(argv=None):
         native_conv, native_masked = (kernels.KERNELS["native"][name] for name in ("conv_backward", "masked_grad"))
         variants["conv_backward_native"] = lambda: native_conv(grad, x, weight, *conv)
         variants["masked_grad_native"] = lambda: native_masked(grad, mask, index)
-    if hasattr(state, "is_dropped"):  # absent before 2026-12-02's change (to time the old code)
-        variants["mask_read"] = lambda: state.is_dropped(mask, index)
+    variants["mask_read"] = lambda: state.is_dropped(mask, index)
     names = list(variants)
     best = dict.fromkeys(names, float("inf"))
     for r in range(args.rounds):

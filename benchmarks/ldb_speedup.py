@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ldbfx
-from ldbfx.bench import make_model, run_meta
+from ldbfx.app.bench import make_model, run_meta
 from ldbfx.policies import draw_dropped
-from ldbfx.train import _sync
+from ldbfx.app.train import _sync
 
 
 def _flops(fn) -> int:

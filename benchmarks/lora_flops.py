@@ -28,7 +28,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import ldbfx
-from ldbfx.bench import run_meta
+from ldbfx.app.bench import run_meta
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -1,9 +1,11 @@
 """Turns benchmark JSON into the markdown tables of docs/benchmarks.md.
 
 Reads the ``--out`` of bench_core.py / ``ldbfx bench``, ldb_speedup.py, bench_policies.py and
-ddp_comm.py (the kind is recognised from the rows):
+ddp_comm.py (the kind is recognised from the rows), or a ``.jsonl`` of several such runs, one per
+line (how benchmarks/results/ keeps a question's runs on one machine):
 
-    python benchmarks/report.py cpu_resnet50.json cpu_vit.json >> docs/benchmarks.md
+    python benchmarks/report.py cpu_resnet50.json cpu_vit.json
+    python benchmarks/report.py benchmarks/results/2026-11-21-cpu-core.jsonl
 """
 
 import json
@@ -72,8 +74,14 @@ def comm_table(data: dict) -> str:
 
 
 def table(path: str) -> str:
+    """The tables of one result file: one run (``.json``) or one per line (``.jsonl``)."""
     with open(path) as f:
-        data = json.load(f)
+        if path.endswith(".jsonl"):
+            return "\n\n".join(run_table(json.loads(line)) for line in f if line.strip())
+        return run_table(json.load(f))
+
+
+def run_table(data: dict) -> str:
     if "bytes_per_step_ddp" in data["rows"][0]:
         return comm_table(data)
     if "variant" in data["rows"][0]:
@@ -116,4 +124,7 @@ def table(path: str) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) > 1 else 2)
     print("\n\n".join(table(p) for p in sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Does training reach the same loss sooner? Time to loss on real text and real images.
 
 One command per setting; each races its variants round-robin in one process on the same batches
-(``ldbfx.race``), for the same budget of training wall time each:
+(``ldbfx.app.race``), for the same budget of training wall time each:
 
     python benchmarks/time_to_loss.py lm-scratch      # byte-level Llama on the stdlib, from scratch
     python benchmarks/time_to_loss.py lm-finetune     # ... fine-tuned from lm-scratch's checkpoint on test/
@@ -41,9 +41,9 @@ import time
 
 import torch
 
-from ldbfx.bench import run_meta
-from ldbfx.race import Curve, Variant, race, time_to_reach
-from ldbfx.workloads import LmSize, digits_task, lm_task, lora
+from ldbfx.app.bench import run_meta
+from ldbfx.app.race import Curve, Variant, race, time_to_reach
+from ldbfx.app.workloads import LmSize, digits_task, lm_task, lora
 
 SETTINGS = ("lm-scratch", "lm-finetune", "lm-lora", "digits-scratch", "digits-finetune")
 DEFAULTS = {  # budget (s), learning rates swept (short budgets favour high rates: the first

@@ -13,7 +13,9 @@ from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .branch_mask import branches, set_dropped_branches
 from .layers import layers as _layers
+from .measure import Probe, measuring
 
 if TYPE_CHECKING:
     import networkx
@@ -97,8 +99,8 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
     (positional, and keyword inputs ``kwinputs`` for models such as Hugging Face's).
 
     One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``, in
-    train mode. The model is left as it was: buffers (BatchNorm statistics) are restored and
-    gradients cleared.
+    train mode with nothing dropped. The model is left as it was (:func:`ldbfx.measure.measuring`:
+    buffers, random generators, drops, the record of skipped layers); gradients are cleared.
 
     Example:
         >>> import torch, ldbfx
@@ -108,12 +110,8 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
         (512, 5632)
     """
     layers = _layers(gm)
-    was_training = gm.training
-    # Train-mode forwards update BatchNorm statistics: measuring must not change the model.
-    buffers = {name: b.clone() for name, b in gm.named_buffers()}
-    gm.train()
     saving = {l.index for l in layers if l.saves_compute}
-    try:
+    with measuring(gm, nothing_dropped=True):
         counter = _LayerFlops(len(layers))
         # With grad enabled, so MHA takes its projection path rather than the fused inference op.
         with counter:
@@ -123,11 +121,6 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
         with FlopCounterMode(display=False) as total:
             loss.backward()
         gm.zero_grad(set_to_none=True)
-    finally:
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                b.copy_(buffers[name])
     per_layer = tuple(f if i in saving else 0 for i, f in enumerate(counter.flops))
     return FlopReport(per_layer, total.get_total_flops())
 
@@ -158,8 +151,8 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
     One forward+backward under ``FlopCounterMode`` with nothing dropped (no branch, no layer, no
     frozen rows), then one per eligible branch, in train mode with the same random numbers each.
     The model is left as it was: buffers, random generators, dropped branches and layers, frozen
-    rows, whether a compile splits at branches, the record of skipped layers; gradients are
-    cleared.
+    rows, whether a compile splits at branches, the record of skipped layers
+    (:func:`ldbfx.measure.measuring`); gradients are cleared.
 
     Example:
         >>> import torch, ldbfx
@@ -176,25 +169,9 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
         >>> round(report.share([1, 2]), 3)
         0.364
     """
-    from .branches import branches as _branches
-    from .branches import set_dropped_branches
-
-    state = gm.ldbfx_state
-    was_training, skipped, cut = gm.training, set(state.skipped), state.branch_cut
-    dropped, branch_drops, rows, rows_exact = state.dropped, state.dropped_branches, state.rows, state.rows_exact
-    buffers = {name: b.clone() for name, b in gm.named_buffers()}
-    # The same random numbers for every count (dropout), and the caller's generators untouched.
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None)
-
-    def restore_rng() -> None:
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
-
-    def count(drop: tuple[int, ...]) -> int:
+    def count(probe: Probe, drop: tuple[int, ...]) -> int:
         set_dropped_branches(gm, drop)
-        restore_rng()
+        probe.reseed()  # the same random numbers for every count (dropout)
         out = gm(*inputs, **kwinputs)
         loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
         with FlopCounterMode(display=False) as counter:
@@ -202,24 +179,9 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
         gm.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
-    gm.train()
-    state.set_dropped(())  # "nothing dropped": no layer drops or frozen rows while counting
-    state.set_rows({}, rows_exact)
-    try:
-        full = count(())
-        saved = tuple(full - count((b.index,)) if b.eligible else 0 for b in _branches(gm))
-    finally:
-        restore_rng()
-        state.set_dropped(dropped)
-        state.set_rows(rows, rows_exact)
-        set_dropped_branches(gm, branch_drops)
-        state.branch_cut = cut  # measuring does not split a later compile into regions
-        state.skipped.clear()
-        state.skipped.update(skipped)
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                b.copy_(buffers[name])
+    with measuring(gm, nothing_dropped=True) as probe:
+        full = count(probe, ())
+        saved = tuple(full - count(probe, (b.index,)) if b.eligible else 0 for b in branches(gm))
     return BranchFlopReport(saved, full)
 
 

@@ -24,7 +24,7 @@ LAYERS = [
     # Ops: the functions a rewritten graph calls, their kernels and the native build.
     {"ldbfx.ops.*"},
     # The transformed module and the run-time API on it (set_dropped, rows, DDP helpers).
-    {"ldbfx.module", "ldbfx.mask", "ldbfx.branch_mask", "ldbfx.distributed"},
+    {"ldbfx.module", "ldbfx.mask", "ldbfx.branch_mask", "ldbfx.distributed", "ldbfx.measure"},
     # Rewrite rules: the handlers per op family and the Rewriter they emit into.
     {"ldbfx.handlers"},
     # Analysis: the layers and the residual branches of a captured graph.

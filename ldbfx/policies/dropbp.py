@@ -29,6 +29,7 @@ import torch
 from ..branches import branches as _branches
 from ..branches import set_dropped_branches
 from ..distributed import mean_over_ranks
+from ..measure import Probe, measuring
 from .ldb import check_saved_settings, draw_dropped, restrict_to, trainable_layers
 
 __all__ = ["DropBP", "allocate_rates"]
@@ -164,41 +165,26 @@ class DropBP:
         from torch.utils.flop_counter import FlopCounterMode
 
         params = [p for p in self.gm.parameters() if p.requires_grad]
-        saved, state = self._dropped, self.gm.ldbfx_state
-        skipped = set(state.skipped)  # the probes' drops must not reach the next optimizer step
-        # Train-mode probes must not move BatchNorm statistics, and draw the same dropout each.
-        buffers = {name: b.clone() for name, b in self.gm.named_buffers()}
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
-        def gradient(dropped: tuple[int, ...]) -> tuple[list[torch.Tensor | None], int]:
+        def gradient(probe: Probe, dropped: tuple[int, ...]) -> tuple[list[torch.Tensor | None], int]:
             set_dropped_branches(self.gm, dropped)
-            with torch.random.fork_rng(devices=devices):
-                # Seed only what fork_rng restores (the CPU and the current CUDA device):
-                # torch.manual_seed would also reseed other GPUs, MPS and XPU for good.
-                torch.default_generator.manual_seed(self.seed)
-                if devices:
-                    torch.cuda.manual_seed(self.seed)
-                loss = closure()
+            probe.reseed(self.seed)  # the same dropout in every probe
+            loss = closure()
             with FlopCounterMode(display=False) as counter:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             return list(grads), counter.get_total_flops()
 
-        try:
-            full, full_flops = gradient(())
+        # Train-mode probes must not move BatchNorm statistics, nor their drops reach the next
+        # optimizer step; the closure sets the mode.
+        with measuring(self.gm, train=False) as probe:
+            full, full_flops = gradient(probe, ())
             sensitivity, flops = [], []
             for index in self._candidates:
-                grads, count = gradient((index,))
+                grads, count = gradient(probe, (index,))
                 distance = sum(float(((f if f is not None else 0) - (g if g is not None else 0)).double().pow(2).sum())
                                for f, g in zip(full, grads) if f is not None or g is not None)
                 sensitivity.append(distance)
                 flops.append(max(full_flops - count, 0))
-        finally:
-            self._apply(saved)
-            state.skipped.clear()
-            state.skipped.update(skipped)
-            with torch.no_grad():
-                for name, b in self.gm.named_buffers():
-                    b.copy_(buffers[name])
         # Each rank measured its own batch: the mean gives every rank the same rates and masks.
         averaged = mean_over_ranks([*sensitivity, *flops])
         sensitivity, flops = averaged[:len(sensitivity)], [int(round(f)) for f in averaged[len(sensitivity):]]
