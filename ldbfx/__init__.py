@@ -8,18 +8,20 @@ Example:
     >>> gm(torch.randn(2, 8)).sum().backward()
 """
 
-from . import distributed
-# ``ldbfx.branches`` is the function (as ``ldbfx.layers`` is): importing it from the submodule of
-# that name binds it after the submodule.
-from .branches import Branch, BranchNotFoundError, branches, dropped_branches, set_dropped_branches
+from . import moved
+from .analysis.branches import Branch, BranchNotFoundError, branches, dropped_branches, set_dropped_branches
+from .analysis.layers import Layer, layers
 from .errors import LayerNotFoundError, LdbfxError, NoEligibleLayerWarning, TraceError
-from .inspect import summary, to_networkx
-from .install import install, installed, uninstall
-from .layers import Layer, layers
-from .mask import discard_skipped, dropped, frozen_rows, set_dropped, set_frozen_rows
-from .module import LdbGraphModule
+from .integrations.inspection import summary, to_networkx
+from .integrations.install import install, installed, uninstall
 from .policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
-from .rewrite import TransformConfig, transform
+from .rewrite.driver import TransformConfig, transform
+from .runtime import distributed
+from .runtime.mask import discard_skipped, dropped, frozen_rows, set_dropped, set_frozen_rows
+from .runtime.module import LdbGraphModule
+
+# The old module paths (ldbfx.mask, ldbfx.inspect, ldbfx.train, ...) name the moved modules.
+moved.register(__import__(__name__))
 
 __version__ = "0.1.0"
 

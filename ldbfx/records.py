@@ -3,8 +3,8 @@ the :class:`Capture` that holds them.
 
 Frozen dataclasses that :func:`ldbfx.transform` builds (the layers, the residual branches) or
 records (its options), stored on the module it returns as ``gm.ldbfx_capture``. They import nothing else of ldbfx, so the
-run time (:mod:`ldbfx.module`, :mod:`ldbfx.mask`) can name them without importing the graph pass
-that computes them (:mod:`ldbfx.layers`, :mod:`ldbfx.branches`, :mod:`ldbfx.rewrite`), which
+run time (:mod:`ldbfx.runtime.module`, :mod:`ldbfx.runtime.mask`) can name them without importing the graph pass
+that computes them (:mod:`ldbfx.analysis.layers`, :mod:`ldbfx.analysis.branches`, :mod:`ldbfx.rewrite.driver`), which
 re-export them under their old paths.
 """
 
@@ -98,7 +98,7 @@ class TransformConfig:
         branch_filter: ``(ldbfx.Branch) -> bool``; branches for which it returns False always
             train. Default: ``None``.
         extra_branches: names of layers, one inside each residual branch the discovery rule
-            misses or orients the wrong way (see :mod:`ldbfx.branches`). Default: ``()``.
+            misses or orients the wrong way (see :mod:`ldbfx.analysis.branches`). Default: ``()``.
     """
 
     keep_first: int = 4

@@ -8,11 +8,7 @@ import pytest
 
 import ldbfx
 
-from ldbfx.app import MOVED
-
-# Not the old names of moved modules: they alias the new ones, whose examples run once.
-MODULES = sorted(m.name for m in pkgutil.walk_packages(ldbfx.__path__, "ldbfx.")
-                 if not m.name.endswith("__main__") and m.name.removeprefix("ldbfx.") not in MOVED)
+MODULES = sorted(m.name for m in pkgutil.walk_packages(ldbfx.__path__, "ldbfx.") if not m.name.endswith("__main__"))
 
 
 # An example that warns (no eligible layer, say) would teach a user to ignore ldbfx's warnings.

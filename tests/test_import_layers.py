@@ -13,32 +13,33 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ldbfx"
 # From the bottom up. A module may import from its own layer and the layers below it, never from
 # one above. ``name.*`` is a subpackage: the package and every module in it.
 LAYERS = [
-    # Foundations: the exceptions and the frozen records (Layer, Branch, TransformConfig) that the
-    # pass builds and the run time stores. They import nothing else of ldbfx.
+    # Foundations: the exceptions and the frozen records (Layer, Branch, TransformConfig, Capture)
+    # that the pass builds and the run time stores. They import nothing else of ldbfx.
     {"ldbfx.errors", "ldbfx.records"},
     # Capture: torch.fx tracing and torch.export, and the facts of a capture the run time checks
     # again (a module's hooks, the autocast in effect).
-    {"ldbfx.trace", "ldbfx.export"},
+    {"ldbfx.capture.*"},
     # Run-time state: the drop mask and what the ops and the optimizer hook read beside it.
-    {"ldbfx.state"},
+    {"ldbfx.runtime", "ldbfx.runtime.state"},
     # Ops: the functions a rewritten graph calls, their kernels and the native build.
     {"ldbfx.ops.*"},
-    # The transformed module and the run-time API on it (set_dropped, rows, DDP helpers).
-    {"ldbfx.module", "ldbfx.mask", "ldbfx.branch_mask", "ldbfx.distributed", "ldbfx.measure"},
-    # Rewrite rules: the handlers per op family and the Rewriter they emit into.
-    {"ldbfx.handlers"},
+    # The transformed module and the run-time API on it (layer and branch drops, rows, measuring
+    # passes, DDP helpers).
+    {"ldbfx.runtime.module", "ldbfx.runtime.mask", "ldbfx.runtime.branch_mask", "ldbfx.runtime.distributed",
+     "ldbfx.runtime.measure"},
+    # Rewrite rules: the handlers per op family and the Rewriter they emit into (the analysis
+    # reads them to tell layers apart).
+    {"ldbfx.rewrite", "ldbfx.rewrite.handlers"},
     # Analysis: the layers and the residual branches of a captured graph.
-    {"ldbfx.layers", "ldbfx.branches"},
+    {"ldbfx.analysis.*"},
     # The pass driver (ldbfx.transform) and the graph surgery of branch drop it runs.
-    {"ldbfx.rewrite", "ldbfx.branch_gates"},
+    {"ldbfx.rewrite.driver", "ldbfx.rewrite.gates"},
     # Policies and integrations built on the public API.
-    {"ldbfx.policies.*", "ldbfx.inspect", "ldbfx.install", "ldbfx.hf"},
-    # The package's namespace.
-    {"ldbfx"},
-    # The application (the app extra): training loop, data, CLI, demos, benchmark harnesses; and
-    # the old import paths of its modules, which alias them.
-    {"ldbfx.app.*", "ldbfx.__main__", "ldbfx.cli", "ldbfx.train", "ldbfx.data", "ldbfx.bench", "ldbfx.demo",
-     "ldbfx.demo_lm", "ldbfx.race", "ldbfx.workloads"},
+    {"ldbfx.policies.*", "ldbfx.integrations.*"},
+    # The package's namespace, and the old names of moved modules (which import all of the above).
+    {"ldbfx", "ldbfx.moved"},
+    # The application (the app extra): training loop, data, CLI, demos, benchmark harnesses.
+    {"ldbfx.app.*", "ldbfx.__main__"},
 ]
 
 

@@ -1,9 +1,9 @@
-"""ldbfx.measure: the passes that count FLOPs or probe sensitivities leave the model as it was."""
+"""ldbfx.runtime.measure: the passes that count FLOPs or probe sensitivities leave the model as it was."""
 
 import torch
 
 import ldbfx
-from ldbfx.measure import measuring
+from ldbfx.runtime.measure import measuring
 
 
 class Block(torch.nn.Module):

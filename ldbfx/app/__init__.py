@@ -6,6 +6,3 @@ matplotlib, tqdm, networkx); the library (``import ldbfx``) needs only torch. No
 from here.
 """
 
-#: The modules that lived at ``ldbfx.<name>`` before the application had its own folder; those
-#: names still import them (each ``ldbfx/<name>.py`` aliases ``ldbfx.app.<name>``).
-MOVED = ("bench", "cli", "data", "demo", "demo_lm", "race", "train", "workloads")

@@ -178,8 +178,8 @@ def _check_branches(model: str) -> None:
 
     import torch
 
-    from ..branches import branches
-    from ..rewrite import transform
+    from ..analysis.branches import branches
+    from ..rewrite.driver import transform
     from .train import build_model
 
     with warnings.catch_warnings(), torch.device("meta"):  # the structure only: no weights allocated
@@ -252,13 +252,13 @@ def _train(args) -> int:
 def _inspect(args) -> int:
     import torch
 
-    from .. import inspect as ins
-    from ..rewrite import transform
+    from ..integrations import inspection as ins
+    from ..rewrite.driver import transform
     from .train import build_model
 
     if args.model.startswith("hf:"):  # a tiny random Hugging Face model, captured by torch.export
         _require("transformers", "ldbfx inspect hf:...")
-        from ..hf import tiny_model
+        from ..integrations.hf import tiny_model
 
         model, batch = tiny_model(args.model[3:])
         gm = transform(model, keep_first=args.keep_first, keep_last=args.keep_last, example_kwargs=batch)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datasets
-from ..layers import layers as _layers
-from ..mask import set_dropped
+from ..analysis.layers import layers as _layers
+from ..runtime.mask import set_dropped
 from ..policies import draw_dropped
-from ..rewrite import transform
+from ..rewrite.driver import transform
 from .train import RunResult, TrainConfig, _sync, build_model, train, write_log
 
 __all__ = ["run_demo", "decompose_speedup"]

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from . import data as datasets
-from ..distributed import skip_dropped_allreduce
+from ..runtime.distributed import skip_dropped_allreduce
 from ..errors import LdbfxError
-from ..inspect import branch_flops, weight_grad_flops
-from ..layers import layers as _layers
-from ..mask import discard_skipped
-from ..module import LdbGraphModule
+from ..integrations.inspection import branch_flops, weight_grad_flops
+from ..analysis.layers import layers as _layers
+from ..runtime.mask import discard_skipped
+from ..runtime.module import LdbGraphModule
 from ..policies import ChannelDropBack, DropBP, LayerDropBack, LearnAndDrop
-from ..rewrite import transform
+from ..rewrite.driver import transform
 
 __all__ = ["TrainConfig", "build_model", "train", "POLICIES"]
 

@@ -25,7 +25,7 @@ The drop decision lives in a CPU bool tensor ``mask`` (one entry per layer, ``Tr
   that reads the mask when the compiled backward *runs*. An
   identity function on the parameter would not do: the consuming op would still compute ``dW``
   (measured: ResNet-50 31.9 GFLOP either way), so the Function owns the layer's whole backward.
-  A dropped layer yields a zero gradient there, which the optimizer hook of :mod:`ldbfx.mask`
+  A dropped layer yields a zero gradient there, which the optimizer hook of :mod:`ldbfx.runtime.mask`
   turns back into ``None`` before ``optimizer.step()``.
 
 Every function falls back to the plain op when no gradient is needed (``no_grad``, frozen

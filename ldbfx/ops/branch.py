@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import LdbState
+from ..runtime.state import LdbState
 from .path import _WithZeroGrads
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..state import state_of
+from ..runtime.state import state_of
 from . import native, path
 from .path import _aten
 from .rows import _conv_weight_grad_rows, _linear_weight_grad_rows, row_selection

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..state import native_records_in_use
+from ..runtime.state import native_records_in_use
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 #: The ops ``native.cpp`` implements (``ldbfx::<name>_native``, defined in ``ops.kernels``).

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..state import LdbState
+from ..runtime.state import LdbState
 from .path import _WithZeroGrads
 
 #: What a cut-off output hangs on when no dropped part holds a trainable parameter: a leaf that

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..state import state_of
+from ..runtime.state import state_of
 
 _aten = torch.ops.aten
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

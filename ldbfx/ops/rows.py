@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..state import RowSelection, state_of
+from ..runtime.state import RowSelection, state_of
 from .path import _CONV, _aten
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..mask import row_count, row_layers, set_frozen_rows
+from ..runtime.mask import row_count, row_layers, set_frozen_rows
 from .ldb import check_saved_settings
 
 __all__ = ["ChannelDropBack", "channel_rate_at"]

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ..branches import branches as _branches
-from ..branches import set_dropped_branches
-from ..distributed import mean_over_ranks
-from ..measure import Probe, measuring
+from ..analysis.branches import branches as _branches
+from ..analysis.branches import set_dropped_branches
+from ..runtime.distributed import mean_over_ranks
+from ..runtime.measure import Probe, measuring
 from .ldb import check_saved_settings, draw_dropped, restrict_to, trainable_layers
 
 __all__ = ["DropBP", "allocate_rates"]

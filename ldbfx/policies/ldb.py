@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ..layers import layers as _layers
-from ..mask import set_dropped
+from ..analysis.layers import layers as _layers
+from ..runtime.mask import set_dropped
 
 __all__ = ["LayerDropBack", "is_drop_epoch", "draw_dropped", "restrict_to"]
 

@@ -49,9 +49,9 @@ import torch
 from torch import fx
 
 from ..errors import LdbfxError
-from ..layers import layers as _layers
-from ..mask import refuse_sharded, row_layers
-from ..module import MASK_ATTR
+from ..analysis.layers import layers as _layers
+from ..runtime.mask import refuse_sharded, row_layers
+from ..runtime.module import MASK_ATTR
 from .ldb import check_saved_settings
 
 __all__ = ["LearnAndDrop", "layer_change_scores", "standardize", "drop_count"]

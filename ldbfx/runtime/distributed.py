@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LdbfxError
+from ..errors import LdbfxError
 from .mask import _check
 from .module import LdbGraphModule
 

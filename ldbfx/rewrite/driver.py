@@ -26,15 +26,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import ops
-from .branch_gates import insert_gates
-from .branches import Branch, build_branches, plan_branches
-from .errors import BranchNotFoundError, NoEligibleLayerWarning, TraceError
+from .. import ops
+from .gates import insert_gates
+from ..analysis.branches import Branch, build_branches, plan_branches
+from ..errors import BranchNotFoundError, NoEligibleLayerWarning, TraceError
 from .handlers import GENERIC_PARAM, Rewriter, param_of
-from .layers import LayerPlan, build_layers, layer_edges, plan_layers
-from .module import STATE_ATTR, LdbGraphModule
-from .records import Filter, TransformConfig
-from .trace import trace_model
+from ..analysis.layers import LayerPlan, build_layers, layer_edges, plan_layers
+from ..runtime.module import STATE_ATTR, LdbGraphModule
+from ..records import Filter, TransformConfig
+from ..capture.trace import trace_model
 
 __all__ = ["TransformConfig", "transform"]
 
@@ -92,7 +92,7 @@ def transform(
     Two front ends capture the graph. Without an example batch, ``torch.fx`` traces the model
     symbolically (torchvision, timm, custom models: no input needed, module-level graph). With
     ``example_args`` / ``example_kwargs``, ``torch.export`` captures it from that batch (Hugging
-    Face transformers and any other exportable model; see :mod:`ldbfx.export`). Both give the
+    Face transformers and any other exportable model; see :mod:`ldbfx.capture.export`). Both give the
     same kind of module with the same contract.
 
     The returned module computes exactly what ``model`` computes (same ops, train and eval), shares
@@ -166,7 +166,7 @@ def transform(
         if given:
             raise TypeError(f"{', '.join(given)} configure torch.fx tracing, but an example batch "
                             "selects torch.export capture; pass one or the other")
-        from .export import (
+        from ..capture.export import (
             export_model,  # imports nothing heavy; keeps the FX path's imports
         )
 

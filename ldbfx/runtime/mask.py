@@ -28,11 +28,11 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from . import ops
+from .. import ops
 from . import state as _state
-from .errors import LayerNotFoundError, LdbfxError
+from ..errors import LayerNotFoundError, LdbfxError
 from .module import LdbGraphModule
-from .records import Layer
+from ..records import Layer
 from .state import LdbState, RowSelection
 
 __all__ = ["set_dropped", "dropped", "discard_skipped", "set_frozen_rows", "frozen_rows", "row_layers", "row_count",

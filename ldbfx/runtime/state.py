@@ -71,7 +71,7 @@ class LdbState:
         rows: layer index -> :class:`RowSelection` (ChannelDropBack).
         rows_exact: whether the optimizer hooks restore frozen slices bit for bit.
         dense: dropped layers report zero gradients (DDP); ``dense_auto``: DDP may turn it on.
-        branch_mask: CPU bool tensor, one entry per residual branch (:mod:`ldbfx.branches`),
+        branch_mask: CPU bool tensor, one entry per residual branch (:mod:`ldbfx.analysis.branches`),
             ``True`` = its output is detached. Mutated in place; read by ``ops.branch``.
         branch_layers: per branch, the layers whose gradient comes only through its output (what
             a dropped branch leaves without gradient, and the optimizer then skips).
@@ -318,7 +318,7 @@ def state_of(mask: Tensor) -> LdbState:
     """The state owning ``mask`` (what the ops receive)."""
     state = _STATES.get(getattr(mask, "_ldbfx_state_id", None))
     if state is None:
-        from .errors import LdbfxError
+        from ..errors import LdbfxError
 
         raise LdbfxError("this drop mask belongs to no live ldbfx model (was the mask tensor replaced "
                          "or copied?): use ldbfx.set_dropped(gm, ...) to change drops")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .errors import LdbfxError
+from ..errors import LdbfxError
 from .install import (
     capturing_forward,
     check_unchanged,
@@ -42,8 +42,8 @@ from .install import (
     routed_forward,
     uninstall,
 )
-from .mask import discard_skipped
-from .trace import has_hooks
+from ..runtime.mask import discard_skipped
+from ..capture.trace import has_hooks
 
 __all__ = ["LdbCallback", "tiny_model"]
 
@@ -378,7 +378,7 @@ def _loss(output: Any) -> torch.Tensor:
 
 
 def _transform_options() -> set[str]:
-    from .rewrite import transform
+    from ..rewrite.driver import transform
 
     return set(inspect.signature(transform).parameters) - {"model", "example_args", "example_kwargs"}
 

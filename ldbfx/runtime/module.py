@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from .errors import LdbfxError
-from .records import Capture
+from ..errors import LdbfxError
+from ..records import Capture
 from .state import LdbState
-from .trace import autocast_state
+from ..capture.trace import autocast_state
 
 if TYPE_CHECKING:
-    from .records import Branch, Layer, TransformConfig
+    from ..records import Branch, Layer, TransformConfig
 
 __all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR", "CAPTURE_ATTR", "captured_from", "changes_since_capture", "recheck_modes"]
 
@@ -30,7 +30,7 @@ def _inside_ddp() -> bool:
 
 
 def _cuda_graph_capture_error() -> Exception:
-    from .errors import LdbfxError
+    from ..errors import LdbfxError
 
     return LdbfxError(
         "an ldbfx-transformed model cannot run inside a manual CUDA-graph capture "
@@ -306,7 +306,7 @@ def _autocast_error(captured: tuple) -> LdbfxError:
 
 
 # Config entries save_pretrained and from_pretrained write, which no forward reads, and use_cache,
-# which the capture turns off for the training graph whatever the config says (ldbfx/export.py).
+# which the capture turns off for the training graph whatever the config says (ldbfx/capture/export.py).
 _CONFIG_METADATA = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "_commit_hash",
                     "use_cache"}
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LdbfxError
-from .module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
+from ..errors import LdbfxError
+from ..runtime.module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
 
 __all__ = ["install", "install_on_first_call", "uninstall", "installed"]
 
@@ -294,7 +294,7 @@ class _CapturingForward:
 def _capture_now(capturing: _CapturingForward, args: tuple, kwargs: dict):
     # Eager, also under torch.compile (Trainer(torch_compile=True)): the compiled caller breaks
     # its graph here once, and traces through gm's graph from the next call on.
-    from .rewrite import transform
+    from ..rewrite.driver import transform
 
     model = capturing.model
     items = kwargs.get("num_items_in_batch")

@@ -75,15 +75,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from .branch_mask import branches, dropped_branches, set_dropped_branches
-from .errors import BranchNotFoundError
-from .records import Branch
+from ..runtime.branch_mask import branches, dropped_branches, set_dropped_branches
+from ..errors import BranchNotFoundError
+from ..records import Branch
 
 if TYPE_CHECKING:
     from .layers import LayerPlan
-    from .records import Layer
+    from ..records import Layer
 
-# The run-time API (ldbfx.branch_mask) is re-exported: ``ldbfx.branches`` was its home.
+# The run-time API (ldbfx.runtime.branch_mask) is re-exported: ``ldbfx.branches`` was its home.
 __all__ = ["Branch", "BranchNotFoundError", "BranchPlan", "plan_branches", "build_branches", "branches",
            "set_dropped_branches", "dropped_branches"]
 

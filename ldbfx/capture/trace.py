@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from ..errors import TraceError
 
 __all__ = ["LdbfxTracer", "TracedModel", "trace_model", "has_hooks", "autocast_state"]
 

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from . import handlers
-from .handlers import Handler
-from .records import Filter, Layer
+from ..rewrite import handlers
+from ..rewrite.handlers import Handler
+from ..records import Filter, Layer
 
 if TYPE_CHECKING:
-    from .module import LdbGraphModule
+    from ..runtime.module import LdbGraphModule
 
-# Beside the public API: the pass's stage (plan, then build) that ldbfx.rewrite runs.
+# Beside the public API: the pass's stage (plan, then build) that ldbfx.rewrite.driver runs.
 __all__ = ["Layer", "layers", "LayerPlan", "plan_layers", "build_layers", "layer_edges"]
 
 @dataclass
@@ -204,7 +204,7 @@ def layers(gm: LdbGraphModule) -> tuple[Layer, ...]:
         >>> [(l.name, l.eligible) for l in ldbfx.layers(gm)][3:]
         [('3', False), ('4', True), ('5', False)]
     """
-    from .module import LdbGraphModule
+    from ..runtime.module import LdbGraphModule
 
     if not isinstance(gm, LdbGraphModule):
         raise TypeError(

@@ -13,14 +13,14 @@ from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .branch_mask import branches, set_dropped_branches
-from .layers import layers as _layers
-from .measure import Probe, measuring
+from ..runtime.branch_mask import branches, set_dropped_branches
+from ..analysis.layers import layers as _layers
+from ..runtime.measure import Probe, measuring
 
 if TYPE_CHECKING:
     import networkx
 
-    from .module import LdbGraphModule
+    from ..runtime.module import LdbGraphModule
 
 __all__ = ["FlopReport", "BranchFlopReport", "weight_grad_flops", "branch_flops", "summary", "to_networkx"]
 
@@ -99,7 +99,7 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
     (positional, and keyword inputs ``kwinputs`` for models such as Hugging Face's).
 
     One forward (attributed per layer) and one forward+backward under ``FlopCounterMode``, in
-    train mode with nothing dropped. The model is left as it was (:func:`ldbfx.measure.measuring`:
+    train mode with nothing dropped. The model is left as it was (:func:`ldbfx.runtime.measure.measuring`:
     buffers, random generators, drops, the record of skipped layers); gradients are cleared.
 
     Example:
@@ -152,7 +152,7 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
     frozen rows), then one per eligible branch, in train mode with the same random numbers each.
     The model is left as it was: buffers, random generators, dropped branches and layers, frozen
     rows, whether a compile splits at branches, the record of skipped layers
-    (:func:`ldbfx.measure.measuring`); gradients are cleared.
+    (:func:`ldbfx.runtime.measure.measuring`); gradients are cleared.
 
     Example:
         >>> import torch, ldbfx

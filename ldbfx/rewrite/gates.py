@@ -1,6 +1,6 @@
 """Graph surgery for branch drop: each eligible branch's nodes grouped just before its residual
 add, and a gate on the add's branch operand (the branches themselves are found by
-:mod:`ldbfx.branches`).
+:mod:`ldbfx.analysis.branches`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 if TYPE_CHECKING:
-    from .branches import BranchPlan
+    from ..analysis.branches import BranchPlan
 
 __all__ = ["insert_gates"]
 
@@ -147,8 +147,8 @@ def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | N
                  root: torch.nn.Module) -> None:
     """Puts ``ops.branch(x, state, index)`` on the branch operand of each add (``indices[k]``
     None: that add gets no gate), and ``ops.branch_start(state)`` before the branch's nodes."""
-    from . import ops
-    from .module import STATE_ATTR
+    from .. import ops
+    from ..runtime.module import STATE_ATTR
 
     state = None
     by_name = {node.name: node for node in graph.nodes}

@@ -1,5 +1,5 @@
 """The run-time API of branch drop on a transformed model: its residual branches, and which of them
-the next backward drops (the rule that finds them is :mod:`ldbfx.branches`').
+the next backward drops (the rule that finds them is :mod:`ldbfx.analysis.branches`').
 """
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .errors import BranchNotFoundError
+from ..errors import BranchNotFoundError
 from .mask import _check, _ensure_skip_hook
-from .records import Branch
+from ..records import Branch
 
 if TYPE_CHECKING:
     from .module import LdbGraphModule

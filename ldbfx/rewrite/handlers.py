@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
-from .module import MASK_ATTR
-from .trace import has_hooks
+from .. import ops
+from ..runtime.module import MASK_ATTR
+from ..capture.trace import has_hooks
 
 __all__ = [
     "Handler", "register_module_handler", "register_function_handler", "module_handler",
     "function_handler", "LINEAR_MODULE",
-    # What the pass driver (ldbfx.rewrite) runs the handlers with.
+    # What the pass driver (ldbfx.rewrite.driver) runs the handlers with.
     "Rewriter", "GENERIC_PARAM", "param_of",
 ]
 

@@ -7,7 +7,7 @@ anything else ``torch.export.export(strict=False)`` handles are captured from an
 
 The exported graph is ATen-level (``aten.linear``, ``aten.embedding``, ``aten.conv2d``...), and
 every parameter is a ``get_attr`` of the model's own qualified name, so the rewrite of
-:mod:`ldbfx.rewrite` applies unchanged with the ATen handlers of :mod:`ldbfx.handlers`.
+:mod:`ldbfx.rewrite.driver` applies unchanged with the ATen handlers of :mod:`ldbfx.rewrite.handlers`.
 Three properties of an export matter for an exact copy, each handled here:
 
 * **Train/eval is baked in** (dropout becomes ``aten.dropout(train=True)``): the model is exported
@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
+from ..errors import TraceError
 from .trace import (
     CheckpointCalled,
     TracedModel,

@@ -8,7 +8,7 @@ record of skipped layers (which the next ``optimizer.step()`` reads) are all as 
 
 Example:
     >>> import torch, ldbfx
-    >>> from ldbfx.measure import measuring
+    >>> from ldbfx.runtime.measure import measuring
     >>> model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
     >>> gm = ldbfx.transform(model)
     >>> ldbfx.set_dropped(gm, ["4"])

@@ -1,7 +1,0 @@
-"""Moved to :mod:`ldbfx.app.demo` (the application, ``pip install 'ldbfx[app]'``); this name keeps old imports working."""
-
-import sys
-
-from .app import demo as _moved
-
-sys.modules[__name__] = _moved
