@@ -24,8 +24,8 @@ class TraceError(LdbfxError):
     """
 
 
-class LayerNotFoundError(LdbfxError, KeyError):
-    """A layer name or index does not exist, or names a layer that may not be dropped."""
+class _NotFound(LdbfxError, KeyError):
+    """A name or index the user gave does not exist: the message, printed as it is."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -33,6 +33,10 @@ class LayerNotFoundError(LdbfxError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
+
+
+class LayerNotFoundError(_NotFound):
+    """A layer name or index does not exist, or names a layer that may not be dropped."""
 
     @classmethod
     def unknown(cls, requested: object, valid: Sequence[str]) -> LayerNotFoundError:
@@ -40,15 +44,8 @@ class LayerNotFoundError(LdbfxError, KeyError):
         return cls(f"no eligible layer named {requested!r}. Eligible layers are: {listing}")
 
 
-class BranchNotFoundError(LdbfxError, KeyError):
+class BranchNotFoundError(_NotFound):
     """A branch name or index does not exist, or names a branch that may not be dropped."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.message
 
 
 class NoEligibleLayerWarning(UserWarning):

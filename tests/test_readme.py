@@ -13,7 +13,8 @@ def _commands():
 
 def test_readme_starts_with_the_two_setup_commands():
     main_job, tests = _commands()
-    assert main_job.startswith("pip install -e .") and main_job.endswith("ldbfx demo")
+    # The command is the application: its extra is part of the one-line set-up.
+    assert main_job.startswith('pip install -e ".[app]"') and main_job.endswith("ldbfx demo")
     assert tests.endswith("python -m pytest -q")
 
 
