@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -195,3 +196,20 @@ def test_demo_dropbp_refuses_a_model_without_branches_before_training(capfd, mon
     out, err = capfd.readouterr()
     assert err.strip() == ("ldbfx demo: error: --dropbp: squeezenet1_0 has no droppable residual branch "
                            "(0 found, none eligible); see `ldbfx inspect squeezenet1_0`")
+
+
+@pytest.mark.parametrize("argv, rate", [(["--policy", "dropbp"], 0.5), (["--policy", "ldb"], 0.3),
+                                        (["--policy", "dropbp", "--drop-rate", "0.2"], 0.2)])
+def test_the_drop_rate_defaults_to_each_policys_own(argv, rate, monkeypatch, tmp_path):
+    # DropBP's default is 0.5 (the paper's, and ldbfx.DropBP's); LayerDropBack's is 0.3.
+    import ldbfx.app.train
+
+    seen = {}
+
+    def capture(config, **kwargs):
+        seen["config"] = config
+        return SimpleNamespace(history=[], train_time=0.0, final_accuracy=0.0)
+
+    monkeypatch.setattr(ldbfx.app.train, "train", capture)
+    assert main(["train", "--data", "digits", "--model", "resnet18", "--out", str(tmp_path), *argv]) == 0
+    assert seen["config"].drop_rate == rate

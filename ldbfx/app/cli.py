@@ -107,10 +107,16 @@ def _lr_scale(value: str):
     return float(value)
 
 
+#: --drop-rate's default per policy: each policy class's own default.
+LDB_DROP_RATE, DROPBP_DROP_RATE = 0.3, 0.5
+
+
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LayerDropBack policy")
-    g.add_argument("--drop-rate", type=_number(float, 0.0, 1.0, high_open=True), default=0.3,
-                   help="probability that an eligible layer's weight gradient is skipped at a DROP-epoch step")
+    g.add_argument("--drop-rate", type=_number(float, 0.0, 1.0, high_open=True), default=None,
+                   help="probability that an eligible layer's weight gradient is skipped at a DROP-epoch step "
+                        f"({LDB_DROP_RATE}; with --policy dropbp, a branch's backward at a step: {DROPBP_DROP_RATE}, "
+                        "DropBP's own default)")
     g.add_argument("--period", type=_POSITIVE_INT, default=2, help="every PERIOD-th epoch (from epoch PERIOD on) is a DROP epoch")
     g.add_argument("--kappa", type=_number(float, 1.0), default=2.0, help="batch-size factor in DROP epochs")
     g.add_argument("--lr-scale", type=_lr_scale, default=None,
@@ -161,7 +167,9 @@ def _config(args, **overrides):
     fields = dict(
         model=args.model, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, compile=args.compile, amp=args.amp, device=args.device, seed=args.seed,
-        progress=args.progress, drop_rate=args.drop_rate, period=args.period, kappa=args.kappa,
+        progress=args.progress, period=args.period, kappa=args.kappa,
+        drop_rate=args.drop_rate if args.drop_rate is not None else (
+            DROPBP_DROP_RATE if overrides.get("policy") == "dropbp" else LDB_DROP_RATE),
         lr_scale=args.lr_scale, resample=args.resample, layer_rate=args.layer_rate,
         channel_rate=args.channel_rate, cdb_schedule=args.cdb_schedule, milestones=tuple(args.milestones),
         cdb_dim=args.cdb_dim, cdb_selection=args.cdb_selection, warmup_epochs=args.warmup_epochs,

@@ -5,9 +5,13 @@ for convolutions, linears, matmuls, embeddings and multi-head attention own the 
 and really skip its weight-gradient FLOPs; the norm handlers and the generic fallbacks only gate the
 gradient (the consuming op computes it anyway, which for norms is cheap).
 
-New families plug in with :func:`register_module_handler` / :func:`register_function_handler`::
+New families plug in with :func:`register_module_handler` / :func:`register_function_handler`.
+A subclass of ``nn.Linear`` that keeps Linear's ``forward`` can reuse the linear handler::
 
     ldbfx.handlers.register_module_handler(MyLinear, ldbfx.handlers.LINEAR_MODULE)
+
+A module with its own ``forward`` needs a handler of its own (docs/extending.md): the linear
+handler matches only modules that compute what ``nn.Linear.forward`` computes.
 """
 
 from __future__ import annotations
