@@ -269,3 +269,19 @@ def test_cli_inspects_a_tiny_hugging_face_model(capsys):
     assert "addmm" in row and "yes" in row  # GPT-2's Conv1D: an eligible layer that saves dW
     assert main(["inspect", "hf:no_such_model"]) == 2
     assert "unknown Hugging Face model type" in capsys.readouterr().err
+
+
+def test_an_exported_graph_called_with_other_inputs_says_so():
+    # An exported graph computes with its example batch's inputs only: a call with another input
+    # (a padding mask it never saw) or without one is refused by name, not a bare TypeError.
+    model = llama()
+    batch = tokens()
+    gm = ldbfx.transform(model, example_kwargs={k: batch[k] for k in ("input_ids", "labels")})
+    with pytest.raises(ldbfx.LdbfxError, match=r"inputs input_ids, labels, .* called with attention_mask\. "):
+        gm(**batch)
+    with pytest.raises(ldbfx.LdbfxError, match=r"called without labels\. .*example_kwargs=batch"):
+        gm(input_ids=batch["input_ids"])
+    # The same inputs, by name or by position, still run.
+    by_name = gm(input_ids=batch["input_ids"], labels=batch["labels"])
+    by_position = gm(batch["input_ids"], batch["labels"])
+    assert torch.equal(by_name["loss"], by_position["loss"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -176,6 +177,11 @@ class LdbGraphModule(fx.GraphModule):
         train_forward = cls.forward
         capture = self.__dict__[CAPTURE_ATTR]
         eval_forward = train_forward if capture.eval_graph is None else _forward_of(capture.eval_graph)
+        # An exported graph takes exactly its example batch's inputs (its placeholders' names).
+        parameters = list(inspect.signature(train_forward).parameters.values())[1:]
+        inputs = tuple(p.name for p in parameters)
+        optional = frozenset(p.name for p in parameters if p.default is not p.empty)
+        input_names = frozenset(inputs)
 
         @functools.wraps(train_forward)
         def forward(self, *args, **kwargs):
@@ -189,6 +195,10 @@ class LdbGraphModule(fx.GraphModule):
                 if torch.is_grad_enabled():  # eager ops read the mask now
                     state.record_forward()
                 if capture.autocast is not None:  # torch.export graphs only
+                    if kwargs.keys() != input_names:  # one set comparison; the details only then
+                        error = _input_error(inputs, optional, args, kwargs)
+                        if error is not None:
+                            raise error
                     check_placement(self)
                     if capture.autocast != autocast_state():
                         raise _autocast_error(capture.autocast)
@@ -290,6 +300,27 @@ def check_modes(gm: LdbGraphModule) -> None:
             "mode. Put the whole model in one mode (model.train() or model.eval()). To keep part "
             "of a model in eval mode while training (frozen BatchNorm statistics), transform it "
             "with the FX front end (no example batch), which reads each module's mode as it runs")
+
+
+def _input_error(inputs: tuple[str, ...], optional: frozenset[str], args: tuple, kwargs: dict) -> LdbfxError | None:
+    """The error for a call of an exported graph with other inputs than its example batch's, or
+    None where the call binds (inputs given by position)."""
+    given = set(inputs[:len(args)]) | set(kwargs)
+    unexpected = sorted(set(kwargs) - set(inputs))
+    missing = [name for name in inputs if name not in given and name not in optional]
+    if not (unexpected or missing or len(args) > len(inputs)):
+        return None
+    called = " and ".join(part for part in (
+        f"with {', '.join(unexpected)}" if unexpected else "",
+        f"without {', '.join(missing)}" if missing else "",
+        f"with {len(args)} positional inputs" if len(args) > len(inputs) else "") if part)
+    return LdbfxError(
+        f"this graph was captured by torch.export from an example batch with the inputs "
+        f"{', '.join(inputs)}, and takes exactly those; it was called {called}. An exported graph "
+        "computes with what its example batch held, nothing else. Capture from a batch shaped like "
+        "the training batches (ldbfx.transform(model, example_kwargs=batch) with your collator's "
+        "output: attention_mask and labels included where training passes them), or call it with "
+        "the same inputs")
 
 
 def _autocast_error(captured: tuple) -> LdbfxError:
