@@ -41,13 +41,16 @@ class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         old = name.removeprefix("ldbfx.")
         return importlib.util.spec_from_loader(name, self) if old != name and old in LAZY else None
 
+    def __init__(self):
+        self._own_specs: dict[int, object] = {}  # by module id: loads may nest
+
     def create_module(self, spec) -> ModuleType:
         module = importlib.import_module("ldbfx." + LAZY[spec.name.removeprefix("ldbfx.")])
-        self._own_spec = module.__spec__  # the import system sets the old name's on it next
+        self._own_specs[id(module)] = module.__spec__  # the import system sets the old name's next
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._own_spec
+        module.__spec__ = self._own_specs.pop(id(module))
 
 
 def register(package: ModuleType) -> None:
