@@ -37,12 +37,12 @@ LAZY = {"hf": "integrations.hf", **{name: f"app.{name}" for name in (
 class _OldNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``ldbfx.<old>`` for the :data:`LAZY` names and gives the new module itself."""
 
+    def __init__(self):
+        self._own_specs: dict[int, object] = {}  # by module id: loads may nest
+
     def find_spec(self, name, path=None, target=None):
         old = name.removeprefix("ldbfx.")
         return importlib.util.spec_from_loader(name, self) if old != name and old in LAZY else None
-
-    def __init__(self):
-        self._own_specs: dict[int, object] = {}  # by module id: loads may nest
 
     def create_module(self, spec) -> ModuleType:
         module = importlib.import_module("ldbfx." + LAZY[spec.name.removeprefix("ldbfx.")])

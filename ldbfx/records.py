@@ -2,9 +2,10 @@
 the :class:`Capture` that holds them.
 
 Frozen dataclasses that :func:`ldbfx.transform` builds (the layers, the residual branches) or
-records (its options), stored on the module it returns as ``gm.ldbfx_capture``. They import nothing else of ldbfx, so the
-run time (:mod:`ldbfx.runtime.module`, :mod:`ldbfx.runtime.mask`) can name them without importing the graph pass
-that computes them (:mod:`ldbfx.analysis.layers`, :mod:`ldbfx.analysis.branches`, :mod:`ldbfx.rewrite.driver`), which
+records (its options), stored on the module it returns as ``gm.ldbfx_capture``. They import
+nothing else of ldbfx, so the run time (:mod:`ldbfx.runtime.module`, :mod:`ldbfx.runtime.mask`)
+can name them without importing the graph pass that computes them (:mod:`ldbfx.analysis.layers`,
+:mod:`ldbfx.analysis.branches`, :mod:`ldbfx.rewrite.driver`), which
 re-export them under their old paths.
 """
 

@@ -13,8 +13,8 @@ from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from ..runtime.branch_mask import branches, set_dropped_branches
 from ..analysis.layers import layers as _layers
+from ..runtime.branch_mask import branches, set_dropped_branches
 from ..runtime.measure import Probe, measuring
 
 if TYPE_CHECKING:
@@ -116,13 +116,9 @@ def weight_grad_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> Flop
         # With grad enabled, so MHA takes its projection path rather than the fused inference op.
         with counter:
             _Attributing(gm, counter).run(*_graph_inputs(gm, inputs, kwinputs))
-        out = gm(*inputs, **kwinputs)
-        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
-        with FlopCounterMode(display=False) as total:
-            loss.backward()
-        gm.zero_grad(set_to_none=True)
+        backward = _backward_flops(gm, inputs, kwinputs)
     per_layer = tuple(f if i in saving else 0 for i, f in enumerate(counter.flops))
-    return FlopReport(per_layer, total.get_total_flops())
+    return FlopReport(per_layer, backward)
 
 
 @dataclass(frozen=True)
@@ -172,17 +168,23 @@ def branch_flops(gm: LdbGraphModule, *inputs: Any, **kwinputs: Any) -> BranchFlo
     def count(probe: Probe, drop: tuple[int, ...]) -> int:
         set_dropped_branches(gm, drop)
         probe.reseed()  # the same random numbers for every count (dropout)
-        out = gm(*inputs, **kwinputs)
-        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
-        with FlopCounterMode(display=False) as counter:
-            loss.backward()
-        gm.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
+        return _backward_flops(gm, inputs, kwinputs)
 
     with measuring(gm, nothing_dropped=True) as probe:
         full = count(probe, ())
         saved = tuple(full - count(probe, (b.index,)) if b.eligible else 0 for b in branches(gm))
     return BranchFlopReport(saved, full)
+
+
+def _backward_flops(gm: LdbGraphModule, inputs: tuple, kwinputs: dict) -> int:
+    """FLOPs of one backward of ``gm`` on the inputs (of the sum of its floating-point outputs);
+    the gradients it leaves are cleared."""
+    out = gm(*inputs, **kwinputs)
+    loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point() and t.requires_grad)
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    gm.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

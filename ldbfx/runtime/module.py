@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
+from ..capture.trace import autocast_state
 from ..errors import LdbfxError
 from ..records import Capture
 from .state import LdbState
-from ..capture.trace import autocast_state
 
 if TYPE_CHECKING:
     from ..records import Branch, Layer, TransformConfig
 
-__all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR", "CAPTURE_ATTR", "captured_from", "changes_since_capture", "recheck_modes"]
+__all__ = ["LdbGraphModule", "MASK_ATTR", "STATE_ATTR", "CAPTURE_ATTR", "captured_from", "changes_since_capture",
+           "recheck_modes"]
 
 
 def _inside_ddp() -> bool:
@@ -31,8 +32,6 @@ def _inside_ddp() -> bool:
 
 
 def _cuda_graph_capture_error() -> Exception:
-    from ..errors import LdbfxError
-
     return LdbfxError(
         "an ldbfx-transformed model cannot run inside a manual CUDA-graph capture "
         "(torch.cuda.graph, torch.cuda.make_graphed_callables): each layer decides on the host, "
@@ -194,7 +193,7 @@ class LdbGraphModule(fx.GraphModule):
                     raise _cuda_graph_capture_error()
                 if torch.is_grad_enabled():  # eager ops read the mask now
                     state.record_forward()
-                if capture.autocast is not None:  # torch.export graphs only
+                if capture.exported:  # torch.export graphs only
                     if kwargs.keys() != input_names:  # one set comparison; the details only then
                         error = _input_error(inputs, optional, args, kwargs)
                         if error is not None:
