@@ -188,7 +188,9 @@ def export_model(
             f"{type(model).__qualname__} has gradient checkpointing on: the captured graph would "
             "not checkpoint (activation memory would silently grow). Call "
             "model.activation_checkpointing_disable() (gradient_checkpointing_disable() in older "
-            "transformers) before ldbfx.transform")
+            "transformers) before ldbfx.transform; to train with it, switch it on again after "
+            "ldbfx.install(model, gm, blocks='auto', example_kwargs=batch), which keeps each "
+            "block's checkpointing")
     hooked = [name or type(model).__qualname__ for name, m in model.named_modules() if has_hooks(m)]
     if hooked:
         # Export runs forward (and its hooks) once, at capture: the graph then holds whatever the

@@ -64,6 +64,10 @@ class LdbCallback(TrainerCallback):
             optimizer steps after which :meth:`ldbfx.DropBP.allocate` runs on the next training
             batch (the paper: about 10%; ``0`` = the first batch). Rates are uniform until then.
             Default: ``0.1``.
+        blocks: in the one-line form, install a graph per block (see :func:`ldbfx.install`):
+            ``"auto"`` (the decoder layers), a module class, or module names. The model then keeps
+            its module boundaries, for activation checkpointing (``gradient_checkpointing=True``
+            chooses ``"auto"`` when this is left ``None``) and FSDP2 per block. Default: ``None``.
         **options: the policy's keyword arguments (``drop_rate``, ``period``, ``seed``...) and, in
             the one-line form, :func:`ldbfx.transform`'s (``keep_first_blocks``,
             ``extra_branches``, ``dynamic_shapes``...).
@@ -88,7 +92,7 @@ class LdbCallback(TrainerCallback):
         >>> callback.policy.stats["actual_drop_rate"]  # doctest: +SKIP
     """
 
-    def __init__(self, *graph_and_policy: Any, allocate_at: float = 0.1, **options: Any):
+    def __init__(self, *graph_and_policy: Any, allocate_at: float = 0.1, blocks: Any = None, **options: Any):
         if len(graph_and_policy) == 1:
             gm, policy = None, graph_and_policy[0]
         elif len(graph_and_policy) == 2:
@@ -104,6 +108,10 @@ class LdbCallback(TrainerCallback):
             inspect.signature(policy).bind(None, None, **options)
         except TypeError as cause:
             raise TypeError(f"{policy.__name__}: {cause} (nor an option of ldbfx.transform)") from None
+        if gm is not None and blocks is not None:
+            raise TypeError("blocks configures the capture, but this graph is already captured: pass it "
+                            "to ldbfx.install(model, gm, blocks=...), or use LdbCallback(policy, blocks=...)")
+        self.blocks = blocks
         if gm is not None and self.transform_options:
             raise TypeError(f"{', '.join(self.transform_options)} configure the capture, but this graph is "
                             "already captured: pass them to ldbfx.transform, or use LdbCallback(policy, ...)")
@@ -130,6 +138,14 @@ class LdbCallback(TrainerCallback):
         self._in_epoch = False  # between on_epoch_begin and on_epoch_end
         self._resumed_in_epoch = False  # the loaded state already began the current epoch
 
+    def _blocks(self, args) -> Any:
+        """What the one-line form installs per block: ``blocks``, or the decoder layers when
+        Trainer turns activation checkpointing on (which a whole graph cannot run)."""
+        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        if self.blocks is None and checkpointing:  # the newer name first (5.x renamed it)
+            return "auto"
+        return self.blocks
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._model = model
         if self._captures and model is not None:
@@ -137,7 +153,7 @@ class LdbCallback(TrainerCallback):
             # forward. Disarmed until training begins: other calls run the model's own forward.
             pending = capturing_forward(model)
             if pending is None and "_ldbfx_installed" not in model.__dict__:
-                install_on_first_call(model, self._captured, **self.transform_options)
+                install_on_first_call(model, self._captured, blocks=self._blocks(args), **self.transform_options)
                 pending = capturing_forward(model)
             if pending is not None:
                 pending.disarm()
@@ -173,6 +189,14 @@ class LdbCallback(TrainerCallback):
 
     @staticmethod
     def _refuse_data_parallel(args) -> None:
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+            # Its engine partitions the parameters (ZeRO-3 gathers them in module hooks it owns)
+            # and runs the backward and the optimizer step itself, past ldbfx's optimizer hook.
+            raise LdbfxError(
+                "DeepSpeed is not served by ldbfx: its engine partitions parameters and steps the "
+                "optimizer itself, so dropped layers would still be updated. Shard with FSDP2 "
+                "instead (Trainer fsdp_config={'version': 2, ...}, or torch's fully_shard per "
+                "block) and install per block: LdbCallback(policy, blocks='auto')")
         mode = getattr(args, "parallel_mode", None)
         if getattr(args, "n_gpu", 1) > 1 and getattr(mode, "value", mode) == "not_distributed":
             # Trainer wraps the model in nn.DataParallel: every replica would call the one
@@ -195,7 +219,8 @@ class LdbCallback(TrainerCallback):
         # rank where average_tokens_across_devices, the default), and the loss is per token.
         accumulating = getattr(args, "gradient_accumulation_steps", 1) > 1
         across_ranks = getattr(args, "world_size", 1) > 1 and getattr(args, "average_tokens_across_devices", False)
-        if (accumulating or across_ranks) and routed_forward(model).drops_loss_kwargs:
+        routed = routed_forward(model)  # None per block: the model's own forward takes the count
+        if (accumulating or across_ranks) and routed is not None and routed.drops_loss_kwargs:
             warnings.warn(
                 "the graph takes no num_items_in_batch, so Trainer averages the loss per "
                 "micro-batch and rank instead of per token over the accumulated batch (and "
@@ -220,10 +245,13 @@ class LdbCallback(TrainerCallback):
                     "LdbCallback(policy, ...) captures the Trainer's model on its first batch, beneath "
                     "the mixed-precision wrapper that train() puts on it, so it must be in place when "
                     "the Trainer is built: pass it in Trainer(callbacks=[...]), not add_callback()")
-            install_on_first_call(model, self._captured, **self.transform_options)
+            install_on_first_call(model, self._captured, blocks=self._blocks(args), **self.transform_options)
             pending = capturing_forward(model)
         pending.disarm()  # an earlier train()'s capture (or another callback's): start afresh
         pending.on_capture, pending.options = self._captured, self.transform_options
+        if pending.blocks is not None:  # hooks outside the blocks run; a block's capture refuses those inside
+            pending.armed = True
+            return
         hooked = [name for name, m in model.named_modules() if has_hooks(m)]
         if hooked:
             fixes = []
@@ -261,12 +289,11 @@ class LdbCallback(TrainerCallback):
                 or self.policy.allocation == "sensitivity":
             return
         routed = routed_forward(self._model)
-        gm, policy = self.gm, self.policy
-
-        def allocate(args: tuple, kwargs: dict) -> None:
-            policy.allocate(lambda: _loss(gm(*args, **kwargs)))
-
-        routed.before_call = allocate
+        gm, policy, model = self.gm, self.policy, self._model
+        if routed is None:  # per block: the model's own forward runs, through the block graphs
+            _before_next_call(model, lambda args, kwargs: policy.allocate(lambda: _loss(model(*args, **kwargs))))
+        else:
+            routed.before_call = lambda args, kwargs: policy.allocate(lambda: _loss(gm(*args, **kwargs)))
         self._allocate_step = None  # armed once
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -361,6 +388,20 @@ class LdbCallback(TrainerCallback):
 #: Trainer's ``restore_callback_states_from_checkpoint`` rebuilds callbacks under their class
 #: name from saved constructor arguments, which a graph and a policy class are not.
 STATE_KEY = "ldbfx.LdbCallback"
+
+
+def _before_next_call(model: torch.nn.Module, run) -> None:
+    """Runs ``run(args, kwargs)`` once, eagerly, with the inputs of ``model``'s next call with
+    gradients on (a pre-hook that removes itself before it runs)."""
+    handle = None
+
+    @torch._dynamo.disable
+    def pre_hook(module, args, kwargs):
+        if torch.is_grad_enabled():
+            handle.remove()
+            run(args, kwargs)
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def _loss(output: Any) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import LdbfxError
 from ..runtime.module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
+from .blocks import find_blocks, install_blocks, outside_blocks_hidden, recheck_block_modes, uninstall_blocks
 
 __all__ = ["install", "install_on_first_call", "uninstall", "installed"]
 
@@ -159,10 +160,11 @@ _CHECKPOINTING = ("gradient_checkpointing_enable", "activation_checkpointing_ena
 
 def _refuse_checkpointing(*args, **kwargs):
     raise LdbfxError(
-        "gradient checkpointing cannot be enabled while an ldbfx graph is installed: the captured "
+        "gradient checkpointing cannot be enabled while a whole-model ldbfx graph is installed: the "
         "graph does not checkpoint, so activation memory would silently stay as without it. "
-        "Call ldbfx.uninstall(model) first (and train without ldbfx), or train without "
-        "activation checkpointing")
+        "Install per block instead, where each block checkpoints as the model's own: "
+        "ldbfx.install(model, gm, blocks='auto', example_kwargs=batch), or "
+        "LdbCallback(policy, blocks='auto') (Trainer's gradient_checkpointing=True chooses it)")
 
 
 def _loss_kwargs_targets(model: nn.Module) -> list[nn.Module]:
@@ -174,7 +176,8 @@ def _loss_kwargs_targets(model: nn.Module) -> list[nn.Module]:
     return targets
 
 
-def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
+def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example_args: tuple | None = None,
+            example_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Makes ``model.forward`` train through ``gm`` (transformed from ``model``).
 
     After this, anything that calls the model (Hugging Face ``Trainer``, a plain loop, PEFT's
@@ -187,9 +190,20 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     ``model.activation_checkpointing_enable()`` (and its old name,
     ``gradient_checkpointing_enable``) is refused while installed.
 
+    With ``blocks``, the model keeps its module boundaries instead (FSDP2 per block, activation
+    checkpointing, ``block.compile()``, hooks on blocks): its own ``forward`` runs, and each block
+    runs its own rewritten graph as its ``forward``; ``gm`` stays the model's analysis and state,
+    what :func:`ldbfx.set_dropped` and the policies take (see :mod:`ldbfx.integrations.blocks`).
+    Layers outside the blocks then always train. Install before ``fully_shard`` and
+    ``checkpoint_wrapper``; checkpointing may be switched on before or after.
+
     Args:
         model: the model given to :func:`ldbfx.transform`.
         gm: the module it returned.
+        blocks: ``None`` (the whole graph), ``"auto"`` (Hugging Face's ``_no_split_modules``, the
+            decoder layers), a module class or tuple of classes, or qualified module names.
+        example_args, example_kwargs: for a ``gm`` captured with ``torch.export``, the example
+            batch (each block is captured from the inputs it receives in one call of it).
 
     Returns:
         ``model`` itself.
@@ -219,11 +233,35 @@ def install(model: nn.Module, gm: LdbGraphModule) -> nn.Module:
     if any(mine.get(name) is not p for name, p in gm.named_parameters()):
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
+    if blocks is not None:
+        _install_per_block(model, gm, blocks, example_args, example_kwargs, {"forward": None})
+        return model
     routed = _RoutedForward(gm, model.forward, model)
     _refuse_unpassed_loss_kwargs(model, routed)
     saved = {"forward": model.__dict__.get("forward")}
     model.forward = routed
     _route(model, gm, routed, saved)
+    return model
+
+
+def _install_per_block(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args, example_kwargs,
+                       saved: dict[str, Any]) -> None:
+    """The ``blocks=`` install: each block's forward, and ``model.train()`` rechecking their modes."""
+    if gm.ldbfx_state.rows:
+        raise LdbfxError("frozen rows (ChannelDropBack) are not served by a per-block install: "
+                         "ldbfx.set_frozen_rows(gm, {}) first, or install the whole graph")
+    if gm.ldbfx_state.pinned_eval:
+        raise LdbfxError("Learn&Drop's graph split is not served by a per-block install: install the whole graph")
+    saved["per_block"] = install_blocks(model, gm, blocks, example_args, example_kwargs)
+    saved["graph"] = gm
+    saved.setdefault("train", model.__dict__.get("train"))
+    model.__dict__["train"] = functools.partial(_train_and_check_blocks, model)
+    model.__dict__["_ldbfx_installed"] = saved
+
+
+def _train_and_check_blocks(model: nn.Module, mode: bool = True) -> nn.Module:
+    type(model).train(model, mode)
+    recheck_block_modes(model)
     return model
 
 
@@ -255,11 +293,14 @@ class _CapturingForward:
     gradients captures the model from its own inputs and ``gm`` runs from then on; disarmed (and
     without gradients), the model's own forward runs."""
 
-    def __init__(self, model: nn.Module, on_capture: Callable[[LdbGraphModule], None], options: dict[str, Any]):
+    def __init__(self, model: nn.Module, on_capture: Callable[[LdbGraphModule], None], options: dict[str, Any],
+                 blocks: Any = None):
         self.model, self.original = model, model.forward
-        self.on_capture, self.options = on_capture, options
+        self.on_capture, self.options, self.blocks = on_capture, options, blocks
         self.armed = True
         self.routed: _RoutedForward | None = None
+        #: A per-block capture's graph (the model's own forward runs, through its blocks' graphs).
+        self.per_block: LdbGraphModule | None = None
         try:  # what Trainer reads to choose the columns it keeps: the model's own inputs
             self.__signature__ = inspect.signature(self.original)
         except (TypeError, ValueError):
@@ -271,16 +312,25 @@ class _CapturingForward:
         routed = self.routed
         if routed is not None:
             return routed(*args, **kwargs)
-        if not (self.armed and torch.is_grad_enabled()):
+        if self.per_block is not None or not (self.armed and torch.is_grad_enabled()):
             return self.original(*args, **kwargs)
         return _capture_now(self, args, kwargs)
+
+    @property
+    def gm(self) -> LdbGraphModule | None:
+        """The graph captured, or None before the capture."""
+        return self.per_block if self.routed is None else self.routed.gm
 
     def disarm(self) -> None:
         """Back to the model's own forward (what the capture routed undone), until armed again;
         the next armed call captures afresh."""
+        saved = self.model.__dict__["_ldbfx_installed"]
         if self.routed is not None:
-            _unroute(self.model, self.model.__dict__["_ldbfx_installed"])
+            _unroute(self.model, saved)
             self.routed = None
+        if self.per_block is not None:
+            _unroute_blocks(self.model, saved)
+            self.per_block = None
         self.armed = False
 
     def __reduce__(self):
@@ -307,9 +357,22 @@ def _capture_now(capturing: _CapturingForward, args: tuple, kwargs: dict):
     # wrapper over it, whose autocast is in effect now) step aside while it does.
     hidden = {k: model.__dict__.pop(k) for k in ("forward", "_original_forward") if k in model.__dict__}
     try:
-        gm = transform(model, example_args=args, example_kwargs=example, **capturing.options)
+        if capturing.blocks is None:
+            gm = transform(model, example_args=args, example_kwargs=example, **capturing.options)
+        else:  # Trainer switched checkpointing on before this batch: the blocks keep it
+            with outside_blocks_hidden(model, [b for _, b in find_blocks(model, capturing.blocks)]):
+                gm = transform(model, example_args=args, example_kwargs=example, **capturing.options)
+            _install_per_block(model, gm, capturing.blocks, args, example, model.__dict__["_ldbfx_installed"])
     finally:
         model.__dict__.update(hidden)
+    if capturing.blocks is not None:
+        capturing.per_block = gm
+        try:
+            capturing.on_capture(gm)
+        except BaseException:
+            capturing.disarm()
+            raise
+        return capturing.original(*args, **kwargs)
     routed = _RoutedForward(gm, capturing.original, model)
     _refuse_unpassed_loss_kwargs(model, routed)
     _route(model, gm, routed, model.__dict__["_ldbfx_installed"])
@@ -322,7 +385,7 @@ def _capture_now(capturing: _CapturingForward, args: tuple, kwargs: dict):
     return routed(*args, **kwargs)
 
 
-def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule], None],
+def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule], None], *, blocks: Any = None,
                           **transform_options: Any) -> nn.Module:
     """Like :func:`install`, but captures ``model`` from its first call with gradients on.
 
@@ -337,6 +400,8 @@ def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule
         model: the model to capture and train through the graph.
         on_capture: called with the transformed module once it exists; if it raises, the model
             keeps its own forward and the error propagates.
+        blocks: as :func:`install`'s: install a graph per block, captured from that call's
+            inputs to each block (activation checkpointing may then be on).
         **transform_options: :func:`ldbfx.transform`'s options (``keep_first_blocks``...).
 
     Returns:
@@ -358,11 +423,12 @@ def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule
     """
     if "_ldbfx_installed" in model.__dict__:
         raise LdbfxError("an ldbfx graph is already installed on this model; ldbfx.uninstall(model) first")
-    capturing = _CapturingForward(model, on_capture, transform_options)
+    capturing = _CapturingForward(model, on_capture, transform_options, blocks)
     saved = {"forward": model.__dict__.get("forward")}
     model.forward = capturing
-    for name in _CHECKPOINTING:
-        model.__dict__[name] = _refuse_checkpointing
+    if blocks is None:  # per block, the blocks checkpoint as the model's own do
+        for name in _CHECKPOINTING:
+            model.__dict__[name] = _refuse_checkpointing
     model.__dict__["_ldbfx_installed"] = saved
     return model
 
@@ -397,6 +463,9 @@ def installed(model: nn.Module) -> LdbGraphModule | None:
         >>> ldbfx.install(model, gm) is model and ldbfx.installed(model) is gm
         True
     """
+    saved = model.__dict__.get("_ldbfx_installed")
+    if saved is not None and "graph" in saved:  # per block
+        return saved["graph"]
     routed = routed_forward(model)
     return None if routed is None else routed.gm
 
@@ -451,6 +520,18 @@ def uninstall(model: nn.Module) -> None:
     for name in _CHECKPOINTING:
         model.__dict__.pop(name, None)
     _unroute(model, saved)
+    _unroute_blocks(model, saved)
+
+
+def _unroute_blocks(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Undoes a per-block install (``saved`` then no longer holds it)."""
+    if "per_block" not in saved:
+        return
+    uninstall_blocks(saved.pop("graph"), saved.pop("per_block"))
+    model.__dict__.pop("train", None)
+    train = saved.pop("train", None)
+    if train is not None:
+        model.__dict__["train"] = train
 
 
 def _unroute(model: nn.Module, saved: dict[str, Any]) -> None:

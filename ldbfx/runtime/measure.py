@@ -71,7 +71,10 @@ def measuring(gm: LdbGraphModule, *, train: bool = True, nothing_dropped: bool =
             ``False``.
     """
     state = gm.ldbfx_state
-    was_training, skipped, cut = gm.training, set(state.skipped), state.branch_cut
+    # Under a per-block install the blocks' states hold their own records and compile switches.
+    states = state.all_states()
+    was_training = gm.training
+    skipped, cut = [set(s.skipped) for s in states], [s.branch_cut for s in states]
     dropped, branch_drops, rows, rows_exact = state.dropped, state.dropped_branches, state.rows, state.rows_exact
     buffers = {name: b.clone() for name, b in gm.named_buffers()}
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -90,9 +93,10 @@ def measuring(gm: LdbGraphModule, *, train: bool = True, nothing_dropped: bool =
         state.set_dropped(dropped)
         state.set_rows(rows, rows_exact)
         state.set_dropped_branches(branch_drops)
-        state.branch_cut = cut  # measuring does not split a later compile into regions
-        state.skipped.clear()
-        state.skipped.update(skipped)
+        for each, each_skipped, each_cut in zip(states, skipped, cut):
+            each.branch_cut = each_cut  # measuring does not split a later compile into regions
+            each.skipped.clear()
+            each.skipped.update(each_skipped)
         gm.train(was_training)
         with torch.no_grad():
             for name, b in gm.named_buffers():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LdbState", "RowSelection", "state_of", "native_records_in_use"]
+__all__ = ["LdbState", "RowSelection", "BlockLink", "state_of", "native_records_in_use"]
 
 _IDS = itertools.count(1)
 _STATES: weakref.WeakValueDictionary[int, LdbState] = weakref.WeakValueDictionary()
@@ -39,6 +39,26 @@ _STATES: weakref.WeakValueDictionary[int, LdbState] = weakref.WeakValueDictionar
 _ACTIVE: weakref.WeakSet[LdbState] = weakref.WeakSet()
 
 ParamRef = tuple[nn.Module, str]
+
+
+@dataclass(frozen=True)
+class BlockLink:
+    """One block's state under a per-block install (:func:`ldbfx.install` with ``blocks=``).
+
+    The model's state (the whole-model analysis's) keeps the global layer and branch indices that
+    every public function and policy uses; each block runs its own graph whose state numbers its
+    layers from 0. Writing the model's masks writes each block's through these maps.
+
+    Attributes:
+        state: the block graph's state.
+        layers: global layer index -> the block's local indices (several where a layer is used
+            twice in the block: tied parameters).
+        branches: global branch index -> the block's local branch index.
+    """
+
+    state: LdbState
+    layers: dict[int, tuple[int, ...]]
+    branches: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,9 @@ class LdbState:
         self.branch_cut = False
         self.pinned_eval: tuple[nn.Module, ...] = ()
         self.modes_unchecked = True
+        #: Per-block install: the blocks' states, which follow this one's masks (one place to
+        #: write, one record per block graph that ran).
+        self.blocks: tuple[BlockLink, ...] = ()
         _STATES[self.id] = self
         if _native_in_use:
             self._register_native()
@@ -149,6 +172,9 @@ class LdbState:
         if indices:
             self.mask[list(indices)] = True
         self.dropped = indices
+        for link in self.blocks:
+            link.state.set_dropped(tuple(sorted(
+                local for index in indices for local in link.layers.get(index, ()))))
 
     def is_dropped(self, mask: Tensor, index: int) -> bool:
         """``bool(mask[index])``, for the ops: read through the view where ``mask`` is this
@@ -208,6 +234,22 @@ class LdbState:
         self.collect_native_record()
         self._skipped.clear()
         self._cleared.clear()
+        for link in self.blocks:
+            link.state.discard_skipped()
+
+    def all_states(self) -> tuple[LdbState, ...]:
+        """This state and, under a per-block install, every block's."""
+        return (self, *(link.state for link in self.blocks))
+
+    def skipped_globally(self) -> set[int]:
+        """The layers skipped since the last step, in this state's (global) indices: its own
+        record and, under a per-block install, the blocks' records mapped back."""
+        skipped = set(self.skipped)
+        for link in self.blocks:
+            local = link.state.skipped
+            if local:
+                skipped.update(g for g, locals_ in link.layers.items() if not local.isdisjoint(locals_))
+        return skipped
 
     def clear_skipped_grads(self, held: set[int]) -> None:
         """Before ``optimizer.step()``: the parameters of skipped layers that the optimizer holds
@@ -240,6 +282,12 @@ class LdbState:
             self.branch_mask[list(indices)] = True
             self.branch_cut = True
         self.dropped_branches = indices
+        for link in self.blocks:
+            link.state.set_dropped_branches(tuple(sorted(
+                link.branches[index] for index in indices if index in link.branches)))
+            # Every block splits its compiled graph from the first drop on, wherever it fell:
+            # blocks sharing one compiled graph then keep sharing it (one recompile, ever).
+            link.state.branch_cut = self.branch_cut
 
     def record_branch(self, index: int) -> None:
         """A forward detached branch ``index``: its inner layers' updates are skipped."""
@@ -255,6 +303,12 @@ class LdbState:
 
     # -- row selections ---------------------------------------------------------------------------
     def set_rows(self, rows: dict[int, RowSelection], exact: bool) -> None:
+        if rows and self.blocks:
+            from ..errors import LdbfxError
+
+            raise LdbfxError(
+                "frozen rows (ChannelDropBack) are not served by a per-block install yet: install "
+                "the whole graph (ldbfx.install(model, gm) without blocks=), or drop whole layers")
         self.rows, self.rows_exact = rows, exact
         self._rows_flags[:] = False  # the native kernels leave these layers to the Python ones
         if rows:
@@ -269,6 +323,8 @@ class LdbState:
     def set_dense(self, enabled: bool) -> None:
         """Sets dense mode for good: DDP's forward no longer decides (``dense_auto`` off)."""
         self.dense, self.dense_auto = enabled, False
+        for link in self.blocks:
+            link.state.set_dense(enabled)
 
     def __deepcopy__(self, memo):
         """A copy (``copy.deepcopy(gm)``: EMA, model soups) has its own mask, id and record, and

@@ -1,0 +1,404 @@
+"""Per-block install: the model's own ``forward`` runs, and each block runs its own rewritten graph.
+
+A whole-model graph calls the layers' ops, never the modules' ``forward``, so the tools that
+hang on a block's call see nothing: FSDP2's ``fully_shard(block)`` (it unshards in the block's
+pre-forward hook), activation checkpointing (``checkpoint_wrapper``, Hugging Face's
+``gradient_checkpointing_enable()``, ``torch.utils.checkpoint`` in a forward), regional
+compilation (``block.compile()``) and any hook on a block. ``ldbfx.install(model, gm,
+blocks=...)`` keeps those boundaries:
+
+* ``gm`` (the whole model's :func:`ldbfx.transform`) stays the *analysis*: the layer order, which
+  layers and branches may drop (``keep_first``, ``keep_last_blocks``...), and the model's state that
+  :func:`ldbfx.set_dropped`, :func:`ldbfx.set_dropped_branches` and every policy write. It is not
+  run.
+* Each block is captured alone (``torch.fx``, or ``torch.export`` from the inputs it received in one
+  eager call of the example batch), rewritten, and installed as *that block's* ``forward``. The
+  block object, its parameters and the hooks on it stay; the model's own ``forward`` calls it
+  through ``nn.Module.__call__``.
+* The blocks' states follow the model's: writing a mask writes each block's through a map from
+  global to local indices (:class:`ldbfx.state.BlockLink`), and each block's backward records what
+  it skipped for the optimizer hook, as a whole graph does.
+* Identical blocks share one generated class and ``forward``: Dynamo guards on the code and the
+  class, so ``block.compile()`` on each block compiles once for all of them, for any mask.
+
+Layers outside every block (the embeddings, the final norm, a language model's head) run in the
+model's own ``forward``, unrewritten: they always train, and :func:`ldbfx.layers` says so.
+
+Example:
+    >>> import torch, ldbfx
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(8, 8)
+    ...     def forward(self, x):
+    ...         return x + self.fc(x)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), *[Block() for _ in range(4)], torch.nn.Linear(8, 2))
+    >>> gm = ldbfx.transform(model, keep_first=1, keep_first_blocks=0, keep_last_blocks=0)
+    >>> _ = ldbfx.install(model, gm, blocks=Block)
+    >>> ldbfx.set_dropped_branches(gm, ["2.fc"])
+    >>> model(torch.randn(2, 8)).sum().backward()   # model's own forward; block 2's branch detached
+    >>> model[2].fc.weight.grad is None, model[3].fc.weight.grad is None
+    (True, False)
+    >>> ldbfx.uninstall(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import types
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LdbfxError
+from ..records import Branch, Layer
+from ..rewrite.driver import transform
+from ..runtime.module import LdbGraphModule, recheck_modes
+from ..runtime.state import BlockLink
+
+__all__ = ["find_blocks", "install_blocks", "uninstall_blocks", "block_graphs", "recheck_block_modes",
+           "outside_blocks_hidden", "BlockForward", "AUTO"]
+
+#: ``blocks="auto"``: Hugging Face's ``_no_split_modules`` (the decoder layers FSDP and
+#: checkpointing wrap).
+AUTO = "auto"
+
+#: Where a block keeps its :class:`BlockForward` (its ``forward`` is ``_block_forward`` bound to it).
+ROUTED_ATTR = "_ldbfx_block"
+
+OUTSIDE = "outside the blocks (per-block install: the model's own forward runs it, unrewritten)"
+
+
+def find_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``model``: ``(qualified name, module)``, outermost matches, in module order.
+
+    Args:
+        model: the model.
+        blocks: ``"auto"`` (Hugging Face's ``_no_split_modules`` classes), a module class or a
+            tuple of classes, or an iterable of qualified module names.
+
+    Raises:
+        LdbfxError: nothing matches, or ``"auto"`` on a model that names no blocks.
+    """
+    if blocks == AUTO:
+        kinds = set(getattr(model, "_no_split_modules", None) or ())
+        if not kinds:
+            raise LdbfxError(
+                f"blocks='auto' reads Hugging Face's _no_split_modules, which {type(model).__name__} does "
+                "not set: name the blocks, blocks=(MyBlock,) or blocks=['layers.0', 'layers.1', ...]")
+        matches = lambda name, m: type(m).__name__ in kinds  # noqa: E731
+    elif isinstance(blocks, type) or (isinstance(blocks, tuple) and blocks and all(isinstance(b, type) for b in blocks)):
+        matches = lambda name, m: isinstance(m, blocks)  # noqa: E731
+    elif isinstance(blocks, Iterable) and not isinstance(blocks, str):
+        names = set(blocks)
+        missing = names - {name for name, _ in model.named_modules()}
+        if missing:
+            raise LdbfxError(f"blocks names modules the model does not have: {sorted(missing)}")
+        matches = lambda name, m: name in names  # noqa: E731
+    else:
+        raise TypeError(f"blocks must be 'auto', a module class (or tuple of them) or module names, got {blocks!r}")
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and matches(name, module) and not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    if not found:
+        raise LdbfxError(f"no module of {type(model).__name__} matches blocks={blocks!r}")
+    return found
+
+
+def _kind(value: Any) -> Any:
+    """What a block's graph fixed about one input: a tensor is an input, ``None`` and plain
+    values (``use_cache=False``) are baked in, a tuple or list is each of its items."""
+    if isinstance(value, torch.Tensor):
+        return torch.Tensor
+    if isinstance(value, (tuple, list)):
+        return tuple(_kind(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value)
+
+
+def _call_kinds(args: tuple, kwargs: dict) -> tuple:
+    return tuple(_kind(a) for a in args), {k: _kind(v) for k, v in kwargs.items()}
+
+
+class BlockForward:
+    """The installed ``forward`` of one block: its graph when gradients are on, else its own.
+
+    An exported block graph fixed its inputs' structure (which are ``None``, ``use_cache=False``):
+    a call with another structure (a padded batch's ``attention_mask`` where the capture had
+    none) is refused, not silently computed without it. Hugging Face checkpoints a
+    ``GradientCheckpointingLayer`` in its class's ``forward``, which an instance's ``forward``
+    bypasses: that rule is applied here again, around the graph.
+    """
+
+    def __init__(self, block: nn.Module, graph: LdbGraphModule, kinds: tuple | None):
+        self.block, self.graph, self.kinds = block, graph, kinds
+        # The instance's own forward where it had one, else the class's, looked up at each call:
+        # fully_shard swaps the block's class (and HF wraps the new class's forward again).
+        self.own = block.__dict__.get("forward")
+        self.hf_checkpointing = any(c.__name__ == "GradientCheckpointingLayer" for c in type(block).__mro__)
+        self.__name__ = self.__qualname__ = "forward"
+        self.__doc__ = getattr(type(block).forward, "__doc__", None)
+        try:
+            self.__signature__ = inspect.signature(self.own or type(block).forward.__get__(block))
+        except (TypeError, ValueError):
+            pass
+
+    def original(self, *args, **kwargs):
+        """The block's own forward."""
+        if self.own is not None:
+            return self.own(*args, **kwargs)
+        return type(self.block).forward(self.block, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return _block_forward(self.block, *args, **kwargs)
+
+    def __reduce__(self):
+        raise LdbfxError("a model with ldbfx block graphs installed cannot be pickled (torch.save(model)): save "
+                         "model.state_dict(), or ldbfx.uninstall(model) first")
+
+
+def _block_forward(block: nn.Module, *args, **kwargs):
+    """What an installed block's ``forward`` runs (bound to the block: one function for every
+    block, so Dynamo, which guards on the identity of a callable it meets inside a checkpoint,
+    compiles one graph for all)."""
+    routed = block.__dict__[ROUTED_ATTR]
+    if not torch.is_grad_enabled():  # no backward: the block's own code, same values
+        return routed.original(*args, **kwargs)
+    if routed.kinds is not None and _call_kinds(args, kwargs) != routed.kinds:
+        raise LdbfxError(_structure_error(routed.kinds, _call_kinds(args, kwargs)))
+    graph = routed.graph
+    graph.training = block.training  # gm is not the block's child: follow its mode
+    if routed.hf_checkpointing and block.gradient_checkpointing and block.training:
+        return block._gradient_checkpointing_func(functools.partial(graph, **_without_cache(block, kwargs)), *args)
+    return graph(*args, **kwargs)
+
+
+def _without_cache(block: nn.Module, kwargs: dict) -> dict:
+    """What Hugging Face's ``forward_with_checkpointing`` drops before checkpointing: the cache a
+    recompute would update twice. (The graph was captured without one: this only keeps the
+    structure HF's own path gives.)"""
+    if kwargs.get("use_cache"):
+        kwargs = {**kwargs, "use_cache": False}
+    if not getattr(block, "_can_checkpoint_with_cache", False):
+        for name in ("cache", "layer_past"):
+            if kwargs.get(name) is not None:
+                kwargs = {**kwargs, name: None}
+    return kwargs
+
+
+def _structure_error(captured: tuple, now: tuple) -> str:
+    (cargs, ckw), (nargs, nkw) = captured, now
+    differ = [k for k in sorted(set(ckw) | set(nkw)) if ckw.get(k, "absent") != nkw.get(k, "absent")]
+    said = ", ".join(f"{k}: captured {_say(ckw.get(k, 'absent'))}, now {_say(nkw.get(k, 'absent'))}" for k in differ)
+    if cargs != nargs:
+        said = (said + "; " if said else "") + f"positional inputs: captured {_say(cargs)}, now {_say(nargs)}"
+    return (f"this block was called with inputs of another structure than its graph was captured with ({said}): "
+            "an exported graph fixes which inputs are None and the plain values it saw, so it would silently "
+            "compute without them. Capture from an example batch shaped like the training batches (with its "
+            "attention_mask if they are padded), then install again")
+
+
+def _say(kind: Any) -> str:
+    if kind is torch.Tensor:
+        return "a tensor"
+    if isinstance(kind, tuple):
+        return "(" + ", ".join(_say(k) for k in kind) + ")"
+    if isinstance(kind, type):
+        return kind.__name__
+    return repr(kind)
+
+
+def _record_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """Each block's inputs in one eager, gradient-free call of the example batch (buffers such
+    as BatchNorm statistics restored after)."""
+    seen: dict[str, tuple] = {}
+
+    def keep(value):
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+    def recorder(name):
+        def pre_hook(module, call_args, call_kwargs):
+            if name not in seen:
+                seen[name] = (torch.utils._pytree.tree_map(keep, call_args),
+                              torch.utils._pytree.tree_map(keep, call_kwargs))
+        return pre_hook
+
+    handles = [block.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, block in blocks]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    uncalled = [name for name, _ in blocks if name not in seen]
+    if uncalled:
+        raise LdbfxError(f"the example batch never reached block(s) {uncalled[:5]}: they cannot be captured")
+    return seen
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def outside_blocks_hidden(model: nn.Module, blocks: Iterable[nn.Module]) -> Iterator[None]:
+    """While capturing for a per-block install: Hugging Face's checkpointing switches off, and no
+    hooks on the blocks or on modules outside them. They stay outside the blocks' graphs, where
+    ``nn.Module.__call__`` runs them and the installed forward checkpoints; the whole model's
+    graph is only the analysis, never run. Hooks *inside* a block stay, and are refused by the
+    block's capture (its graph would inline them)."""
+    blocks = list(blocks)
+    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
+    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    hidden = [(m, name, getattr(m, name)) for m in model.modules() if id(m) not in inner
+              for name in _HOOKS if getattr(m, name, None)]
+    for m in switched:
+        m.gradient_checkpointing = False
+    for m, name, hooks in hidden:
+        setattr(m, name, type(hooks)())
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.gradient_checkpointing = True
+        for m, name, hooks in hidden:
+            setattr(m, name, hooks)
+
+
+def _capture_block(name: str, block: nn.Module, gm: LdbGraphModule, inputs: tuple | None) -> LdbGraphModule:
+    """The block's own rewritten graph: every layer and branch may drop locally (the model's
+    analysis decides which do); the extra branches the user named, in the block's names."""
+    prefix = name + "."
+    extra = tuple(n[len(prefix):] for n in gm.ldbfx_config.extra_branches if n.startswith(prefix))
+    options = dict(keep_first=0, keep_last=0, keep_first_blocks=0, keep_last_blocks=0, extra_branches=extra)
+    if inputs is not None:
+        options.update(example_args=tuple(inputs[0]), example_kwargs=dict(inputs[1]))
+    with warnings.catch_warnings(), outside_blocks_hidden(block, [block]):
+        warnings.simplefilter("ignore")  # a block without layers: the model's analysis says so
+        return transform(block, **options)
+
+
+def _share_code(graphs: list[LdbGraphModule]) -> None:
+    """Blocks whose rewritten code is the same run the first one's class (``forward``) and
+    torch.export guard modules: Dynamo guards on both, so one compile serves them all."""
+    firsts: dict[tuple[str, str], LdbGraphModule] = {}
+    for graph in graphs:
+        key = (graph.code, graph.eval_code)
+        first = firsts.setdefault(key, graph)
+        if first is graph:
+            continue
+        guards = {k: v for k, v in first._modules.items() if k.startswith("_ldbfx_")}
+        if set(guards) != {k for k in graph._modules if k.startswith("_ldbfx_")}:
+            continue
+        graph.__class__ = type(first)
+        graph._modules.update(guards)
+
+
+def _link(gm: LdbGraphModule, name: str, graph: LdbGraphModule) -> BlockLink:
+    """Maps the model's layer and branch indices to the block's (layers by parameter identity:
+    names differ by the block's prefix, and a tied parameter is one layer however it is used)."""
+    state = gm.ldbfx_state
+    owner = {id(p): index for index in range(len(gm.ldbfx_layers)) for p in state.params(index)}
+    layers: dict[int, list[int]] = {}
+    for local in graph.ldbfx_layers:
+        found = {owner.get(id(p)) for p in graph.ldbfx_state.params(local.index)}
+        if len(found) != 1 or None in found:
+            raise LdbfxError(f"block {name!r}: its layer {local.name!r} matches no single layer of the model's "
+                             "graph (was the model changed after ldbfx.transform?)")
+        layers.setdefault(found.pop(), []).append(local.index)
+    branches = {}
+    for local in graph.ldbfx_branches:
+        index = gm.ldbfx_capture.branch_index.get(f"{name}.{local.name}" if local.name else name)
+        if index is not None:
+            branches[index] = local.index
+    return BlockLink(graph.ldbfx_state, {g: tuple(v) for g, v in layers.items()}, branches)
+
+
+def _served(gm: LdbGraphModule, model: nn.Module, blocks: list[tuple[str, nn.Module]],
+            links: list[BlockLink]) -> tuple[tuple[Layer, ...], tuple[Branch, ...]]:
+    """The analysis's layers and branches, those the blocks cannot serve made ineligible: a layer
+    with a parameter of a module outside every block (the root's forward also uses it there,
+    unrewritten), or with no use inside a block graph; a branch no block graph gates."""
+    inside = {id(p) for _, block in blocks for p in block.parameters()}
+    linked = {g for link in links for g in link.layers}
+    gated = {g for link in links for g in link.branches}
+    state = gm.ldbfx_state
+    layers = tuple(
+        layer if not layer.eligible or (layer.index in linked and all(id(p) in inside for p in state.params(layer.index)))
+        else dataclasses.replace(layer, eligible=False, reason=OUTSIDE)
+        for layer in gm.ldbfx_layers)
+    branches = tuple(
+        branch if not branch.eligible or branch.index in gated
+        else dataclasses.replace(branch, eligible=False, reason=OUTSIDE)
+        for branch in gm.ldbfx_branches)
+    return layers, branches
+
+
+def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args: tuple | None = None,
+                   example_kwargs: dict | None = None) -> dict[str, Any]:
+    """Captures, links and installs every block of ``model`` (see the module doc).
+
+    Returns:
+        What :func:`uninstall_blocks` undoes.
+    """
+    found = find_blocks(model, blocks)
+    capture = gm.ldbfx_capture
+    inputs: dict[str, tuple] | None = None
+    if capture.exported:
+        if example_args is None and example_kwargs is None:
+            raise LdbfxError(
+                "gm was captured with torch.export, so each block is too, from the inputs it receives "
+                "in one call of the example batch: ldbfx.install(model, gm, blocks=..., "
+                "example_kwargs=batch) with the batch given to ldbfx.transform")
+        inputs = _record_inputs(model, found, tuple(example_args or ()), dict(example_kwargs or {}))
+    graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name]) for name, block in found]
+    _share_code(graphs)
+    links = [_link(gm, name, graph) for (name, _), graph in zip(found, graphs)]
+    layers, branches = _served(gm, model, found, links)
+    saved = {"capture": capture, "blocks": []}
+    gm.__dict__["ldbfx_capture"] = dataclasses.replace(capture, layers=layers, branches=branches)
+    state = gm.ldbfx_state
+    state.blocks = tuple(links)
+    state.set_dropped(tuple(i for i in state.dropped if layers[i].eligible))  # the blocks take the masks
+    state.set_dropped_branches(tuple(i for i in state.dropped_branches if branches[i].eligible))
+    for (name, block), graph in zip(found, graphs):
+        kinds = None if inputs is None else _call_kinds(*inputs[name])
+        saved["blocks"].append((block, block.__dict__.get("forward")))
+        block.__dict__[ROUTED_ATTR] = BlockForward(block, graph, kinds)
+        block.__dict__["forward"] = types.MethodType(_block_forward, block)
+    return saved
+
+
+def uninstall_blocks(gm: LdbGraphModule, saved: dict[str, Any]) -> None:
+    """Restores each block's own ``forward`` and the analysis's capture and state."""
+    for block, forward in saved["blocks"]:
+        block.__dict__.pop("forward", None)
+        block.__dict__.pop(ROUTED_ATTR, None)
+        if forward is not None:
+            block.__dict__["forward"] = forward
+    gm.ldbfx_state.blocks = ()  # the drops stay: eligible per block, eligible in the whole graph
+    gm.__dict__["ldbfx_capture"] = saved["capture"]
+
+
+def block_graphs(model: nn.Module) -> dict[nn.Module, LdbGraphModule]:
+    """Each installed block and the graph it runs (empty where no per-block install is)."""
+    return {m: m.__dict__[ROUTED_ATTR].graph for m in model.modules() if ROUTED_ATTR in m.__dict__}
+
+
+def recheck_block_modes(model: nn.Module) -> None:
+    """After ``model.train()``/``eval()``: each exported block graph checks its modules' modes
+    at its next call."""
+    for graph in block_graphs(model).values():
+        recheck_modes(graph)
