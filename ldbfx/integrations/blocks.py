@@ -277,17 +277,44 @@ def outside_blocks_hidden(model: nn.Module, blocks: Iterable[nn.Module]) -> Iter
             setattr(m, name, hooks)
 
 
-def _capture_block(name: str, block: nn.Module, gm: LdbGraphModule, inputs: tuple | None) -> LdbGraphModule:
+@contextlib.contextmanager
+def _parameters_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """The block's floating-point parameters in ``dtype`` while it is captured (what FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=...)`` gives its forward), the same objects, restored
+    bit for bit after."""
+    if dtype is None:
+        yield
+        return
+    kept = [(p, p.data) for p in block.parameters() if p.is_floating_point()]
+    try:
+        for p, data in kept:
+            p.data = data.to(dtype)
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+def _capture_block(name: str, block: nn.Module, gm: LdbGraphModule, inputs: tuple | None,
+                   param_dtype: torch.dtype | None) -> LdbGraphModule:
     """The block's own rewritten graph: every layer and branch may drop locally (the model's
     analysis decides which do); the extra branches the user named, in the block's names."""
     prefix = name + "."
     extra = tuple(n[len(prefix):] for n in gm.ldbfx_config.extra_branches if n.startswith(prefix))
     options = dict(keep_first=0, keep_last=0, keep_first_blocks=0, keep_last_blocks=0, extra_branches=extra)
     if inputs is not None:
+        if param_dtype is not None:  # FSDP2 casts a sharded module's floating-point inputs too
+            inputs = torch.utils._pytree.tree_map(
+                lambda v: v.to(param_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, inputs)
         options.update(example_args=tuple(inputs[0]), example_kwargs=dict(inputs[1]))
-    with warnings.catch_warnings(), outside_blocks_hidden(block, [block]):
+    with warnings.catch_warnings(), outside_blocks_hidden(block, [block]), _parameters_in(block, param_dtype):
         warnings.simplefilter("ignore")  # a block without layers: the model's analysis says so
-        return transform(block, **options)
+        graph = transform(block, **options)
+    # The block's own parameters and buffers through the block's dicts, not copies of them:
+    # FSDP2 swaps the entries (sharded, unsharded) in the block's, and the graph must read those.
+    graph.__dict__["_parameters"] = block._parameters
+    graph.__dict__["_buffers"] = block._buffers
+    return graph
 
 
 def _share_code(graphs: list[LdbGraphModule]) -> None:
@@ -347,7 +374,7 @@ def _served(gm: LdbGraphModule, model: nn.Module, blocks: list[tuple[str, nn.Mod
 
 
 def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args: tuple | None = None,
-                   example_kwargs: dict | None = None) -> dict[str, Any]:
+                   example_kwargs: dict | None = None, param_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Captures, links and installs every block of ``model`` (see the module doc).
 
     Returns:
@@ -363,7 +390,11 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
                 "in one call of the example batch: ldbfx.install(model, gm, blocks=..., "
                 "example_kwargs=batch) with the batch given to ldbfx.transform")
         inputs = _record_inputs(model, found, tuple(example_args or ()), dict(example_kwargs or {}))
-    graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name]) for name, block in found]
+    if param_dtype is not None and not capture.exported:
+        raise LdbfxError("param_dtype is for graphs captured with torch.export, which fix the dtypes they see; "
+                         "an FX graph follows the parameters' dtype as it is: leave it out")
+    graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name], param_dtype)
+              for name, block in found]
     _share_code(graphs)
     links = [_link(gm, name, graph) for (name, _), graph in zip(found, graphs)]
     layers, branches = _served(gm, model, found, links)

@@ -177,7 +177,7 @@ def _loss_kwargs_targets(model: nn.Module) -> list[nn.Module]:
 
 
 def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example_args: tuple | None = None,
-            example_kwargs: dict[str, Any] | None = None) -> nn.Module:
+            example_kwargs: dict[str, Any] | None = None, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Makes ``model.forward`` train through ``gm`` (transformed from ``model``).
 
     After this, anything that calls the model (Hugging Face ``Trainer``, a plain loop, PEFT's
@@ -204,6 +204,9 @@ def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example
             decoder layers), a module class or tuple of classes, or qualified module names.
         example_args, example_kwargs: for a ``gm`` captured with ``torch.export``, the example
             batch (each block is captured from the inputs it receives in one call of it).
+        param_dtype: for a ``gm`` captured with ``torch.export``, the dtype the blocks compute in
+            under FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` (an exported graph fixes the
+            dtypes it saw): each block is captured with its parameters and inputs in it.
 
     Returns:
         ``model`` itself.
@@ -233,8 +236,11 @@ def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example
     if any(mine.get(name) is not p for name, p in gm.named_parameters()):
         raise LdbfxError("gm was not transformed from this model (its parameters are not the "
                          "model's); call ldbfx.install(model, ldbfx.transform(model, ...))")
+    if blocks is None and param_dtype is not None:
+        raise LdbfxError("param_dtype is for a per-block install (blocks=...): the whole graph takes the "
+                         "dtype it was captured in")
     if blocks is not None:
-        _install_per_block(model, gm, blocks, example_args, example_kwargs, {"forward": None})
+        _install_per_block(model, gm, blocks, example_args, example_kwargs, {"forward": None}, param_dtype)
         return model
     routed = _RoutedForward(gm, model.forward, model)
     _refuse_unpassed_loss_kwargs(model, routed)
@@ -245,14 +251,14 @@ def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example
 
 
 def _install_per_block(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args, example_kwargs,
-                       saved: dict[str, Any]) -> None:
+                       saved: dict[str, Any], param_dtype: torch.dtype | None = None) -> None:
     """The ``blocks=`` install: each block's forward, and ``model.train()`` rechecking their modes."""
     if gm.ldbfx_state.rows:
         raise LdbfxError("frozen rows (ChannelDropBack) are not served by a per-block install: "
                          "ldbfx.set_frozen_rows(gm, {}) first, or install the whole graph")
     if gm.ldbfx_state.pinned_eval:
         raise LdbfxError("Learn&Drop's graph split is not served by a per-block install: install the whole graph")
-    saved["per_block"] = install_blocks(model, gm, blocks, example_args, example_kwargs)
+    saved["per_block"] = install_blocks(model, gm, blocks, example_args, example_kwargs, param_dtype)
     saved["graph"] = gm
     saved.setdefault("train", model.__dict__.get("train"))
     model.__dict__["train"] = functools.partial(_train_and_check_blocks, model)
