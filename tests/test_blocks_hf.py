@@ -157,3 +157,39 @@ def test_trainer_gradient_checkpointing_with_the_one_callback_form(tmp_path):
     for dropped, moved in seen[1:]:  # the first step's draw came with the capture
         for branch in dropped:
             assert not any(n.startswith(branch + ".") for n in moved), branch
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_block_with_all_branches_dropped_is_not_recomputed_and_skips_count_once(reentrant):
+    """Checkpointed blocks recompute in the backward; one whose branches are all dropped saves
+    nothing and is not recomputed (the layer drops' records are sets: a recompute that reads the
+    mask again records the same skips)."""
+    model, _ = model_and_copy(layers=4)
+    data = batch()
+    gm = installed(model, data)
+    _checkpointing_switches(model)[0]({"use_reentrant": reentrant})
+    model.train()
+    graphs = list(block_graphs(model).values())
+    cls = type(graphs[0])
+    assert all(type(g) is cls for g in graphs)  # identical blocks share one class
+    calls = []
+    forward = cls.forward
+    cls.forward = lambda self, *a, **k: (calls.append(graphs.index(self)), forward(self, *a, **k))[1]
+    try:
+        ldbfx.set_dropped_branches(gm, ["model.layers.1.self_attn", "model.layers.1.mlp", "model.layers.2.mlp"])
+        ldbfx.set_dropped(gm, ["model.layers.2.self_attn.q_proj"])
+        loss = model(**data).loss
+        assert calls == [0, 1, 2, 3]
+        del calls[:]
+        loss.backward()
+        assert sorted(calls) == [0, 2, 3]  # block 1 is not recomputed
+    finally:
+        cls.forward = forward
+    q = gm.ldbfx_capture.layer_index["model.layers.2.self_attn.q_proj"]
+    assert q in gm.ldbfx_state.skipped_globally()
+    assert graphs[2].ldbfx_state.skipped >= {graphs[2].ldbfx_capture.layer_index["self_attn.q_proj"]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.model.layers[2].self_attn.q_proj.weight.detach().clone()
+    opt.step()
+    assert torch.equal(model.model.layers[2].self_attn.q_proj.weight, before)
+    assert not gm.ldbfx_state.skipped_globally()  # the step cleared every block's record

@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import types
 import warnings
 from collections.abc import Iterable, Iterator
@@ -129,27 +128,33 @@ def _call_kinds(args: tuple, kwargs: dict) -> tuple:
 
 
 class BlockForward:
-    """The installed ``forward`` of one block: its graph when gradients are on, else its own.
+    """What a per-block install keeps on each block (``block._ldbfx_block``); the block's
+    ``forward`` is :func:`_block_forward` bound to the block.
 
-    An exported block graph fixed its inputs' structure (which are ``None``, ``use_cache=False``):
-    a call with another structure (a padded batch's ``attention_mask`` where the capture had
-    none) is refused, not silently computed without it. Hugging Face checkpoints a
-    ``GradientCheckpointingLayer`` in its class's ``forward``, which an instance's ``forward``
-    bypasses: that rule is applied here again, around the graph.
+    Attributes:
+        block: the block.
+        graph: its rewritten graph (its state follows the model's, see :class:`BlockLink`).
+        kinds: for an exported graph, the structure of the inputs it was captured with (which are
+            ``None``, plain values such as ``use_cache=False``): a call with another structure (a
+            padded batch's ``attention_mask`` where the capture had none) is refused, not
+            silently computed without it. ``None`` for an FX graph, which takes any.
+        own: the block's own instance ``forward`` where it had one (else the class's runs, looked
+            up at each call: ``fully_shard`` swaps the block's class, and Hugging Face wraps the
+            new class's ``forward`` again).
+        hf_checkpointing: the block is a Hugging Face ``GradientCheckpointingLayer``, which
+            checkpoints in its class's ``forward``; an instance's ``forward`` bypasses that, so
+            :func:`_block_forward` applies the same rule around the graph.
+        whole: every layer of the block lies in one of its residual branches: once all its
+            branches are dropped, nothing in it is backpropagated through but the residual adds.
     """
 
     def __init__(self, block: nn.Module, graph: LdbGraphModule, kinds: tuple | None):
         self.block, self.graph, self.kinds = block, graph, kinds
-        # The instance's own forward where it had one, else the class's, looked up at each call:
-        # fully_shard swaps the block's class (and HF wraps the new class's forward again).
         self.own = block.__dict__.get("forward")
         self.hf_checkpointing = any(c.__name__ == "GradientCheckpointingLayer" for c in type(block).__mro__)
-        self.__name__ = self.__qualname__ = "forward"
-        self.__doc__ = getattr(type(block).forward, "__doc__", None)
-        try:
-            self.__signature__ = inspect.signature(self.own or type(block).forward.__get__(block))
-        except (TypeError, ValueError):
-            pass
+        inside = {i for layers in graph.ldbfx_state.branch_layers for i in layers}
+        self.branch_count = len(graph.ldbfx_branches)
+        self.whole = self.branch_count > 0 and inside == set(range(len(graph.ldbfx_layers)))
 
     def original(self, *args, **kwargs):
         """The block's own forward."""
@@ -157,8 +162,9 @@ class BlockForward:
             return self.own(*args, **kwargs)
         return type(self.block).forward(self.block, *args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        return _block_forward(self.block, *args, **kwargs)
+    def all_dropped(self) -> bool:
+        """Whether this step backpropagates through nothing of the block but its residual adds."""
+        return self.whole and len(self.graph.ldbfx_state.dropped_branches) == self.branch_count
 
     def __reduce__(self):
         raise LdbfxError("a model with ldbfx block graphs installed cannot be pickled (torch.save(model)): save "
@@ -168,7 +174,12 @@ class BlockForward:
 def _block_forward(block: nn.Module, *args, **kwargs):
     """What an installed block's ``forward`` runs (bound to the block: one function for every
     block, so Dynamo, which guards on the identity of a callable it meets inside a checkpoint,
-    compiles one graph for all)."""
+    compiles one graph for all).
+
+    Hugging Face's checkpointing is applied around the graph, except for a block whose branches
+    are all dropped this step: its branches' outputs are detached, so it saves nothing for the
+    backward and a checkpoint would only recompute it (a reentrant checkpoint recomputes every
+    block it holds; a non-reentrant one recomputes only what a backward unpacks)."""
     routed = block.__dict__[ROUTED_ATTR]
     if not torch.is_grad_enabled():  # no backward: the block's own code, same values
         return routed.original(*args, **kwargs)
@@ -176,7 +187,7 @@ def _block_forward(block: nn.Module, *args, **kwargs):
         raise LdbfxError(_structure_error(routed.kinds, _call_kinds(args, kwargs)))
     graph = routed.graph
     graph.training = block.training  # gm is not the block's child: follow its mode
-    if routed.hf_checkpointing and block.gradient_checkpointing and block.training:
+    if routed.hf_checkpointing and block.gradient_checkpointing and block.training and not routed.all_dropped():
         return block._gradient_checkpointing_func(functools.partial(graph, **_without_cache(block, kwargs)), *args)
     return graph(*args, **kwargs)
 
