@@ -144,27 +144,18 @@ class BlockForward:
         hf_checkpointing: the block is a Hugging Face ``GradientCheckpointingLayer``, which
             checkpoints in its class's ``forward``; an instance's ``forward`` bypasses that, so
             :func:`_block_forward` applies the same rule around the graph.
-        whole: every layer of the block lies in one of its residual branches: once all its
-            branches are dropped, nothing in it is backpropagated through but the residual adds.
     """
 
     def __init__(self, block: nn.Module, graph: LdbGraphModule, kinds: tuple | None):
         self.block, self.graph, self.kinds = block, graph, kinds
         self.own = block.__dict__.get("forward")
         self.hf_checkpointing = any(c.__name__ == "GradientCheckpointingLayer" for c in type(block).__mro__)
-        inside = {i for layers in graph.ldbfx_state.branch_layers for i in layers}
-        self.branch_count = len(graph.ldbfx_branches)
-        self.whole = self.branch_count > 0 and inside == set(range(len(graph.ldbfx_layers)))
 
     def original(self, *args, **kwargs):
         """The block's own forward."""
         if self.own is not None:
             return self.own(*args, **kwargs)
         return type(self.block).forward(self.block, *args, **kwargs)
-
-    def all_dropped(self) -> bool:
-        """Whether this step backpropagates through nothing of the block but its residual adds."""
-        return self.whole and len(self.graph.ldbfx_state.dropped_branches) == self.branch_count
 
     def __reduce__(self):
         raise LdbfxError("a model with ldbfx block graphs installed cannot be pickled (torch.save(model)): save "
@@ -176,10 +167,11 @@ def _block_forward(block: nn.Module, *args, **kwargs):
     block, so Dynamo, which guards on the identity of a callable it meets inside a checkpoint,
     compiles one graph for all).
 
-    Hugging Face's checkpointing is applied around the graph, except for a block whose branches
-    are all dropped this step: its branches' outputs are detached, so it saves nothing for the
-    backward and a checkpoint would only recompute it (a reentrant checkpoint recomputes every
-    block it holds; a non-reentrant one recomputes only what a backward unpacks)."""
+    Hugging Face's checkpointing is applied around the graph as its class would. A recompute runs
+    the graph again in the backward and reads the masks then (the same as the forward's: masks
+    change between steps); the skips it records again are the same set. A non-reentrant
+    checkpoint (Hugging Face's default) recomputes only what the backward unpacks, so a block
+    whose branches are all dropped is not recomputed; a reentrant one recomputes every block."""
     routed = block.__dict__[ROUTED_ATTR]
     if not torch.is_grad_enabled():  # no backward: the block's own code, same values
         return routed.original(*args, **kwargs)
@@ -187,7 +179,7 @@ def _block_forward(block: nn.Module, *args, **kwargs):
         raise LdbfxError(_structure_error(routed.kinds, _call_kinds(args, kwargs)))
     graph = routed.graph
     graph.training = block.training  # gm is not the block's child: follow its mode
-    if routed.hf_checkpointing and block.gradient_checkpointing and block.training and not routed.all_dropped():
+    if routed.hf_checkpointing and block.gradient_checkpointing and block.training:
         return block._gradient_checkpointing_func(functools.partial(graph, **_without_cache(block, kwargs)), *args)
     return graph(*args, **kwargs)
 
