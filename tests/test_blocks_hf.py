@@ -194,3 +194,29 @@ def test_a_block_with_all_branches_dropped_is_not_recomputed_and_skips_count_onc
     opt.step()
     assert torch.equal(model.model.layers[2].self_attn.q_proj.weight, before)
     assert not gm.ldbfx_state.skipped_globally()  # the step cleared every block's record
+
+
+def test_lora_blocks_with_checkpointing_match_detaching():
+    """The language-model fine-tuning case: LoRA, Hugging Face's checkpointing (with PEFT's hook on
+    the input embeddings, outside the blocks), branches dropped per block."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], lora_dropout=0.0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(peft.get_peft_model(llama(tied=False, layers=3), config))
+    model, ref = models
+    data = batch()
+    gm = installed(model, data)
+    for m in (model, ref):
+        _checkpointing_switches(m)[0]()
+        m.train()
+    branches = ["base_model.model.model.layers.1.mlp", "base_model.model.model.layers.1.self_attn"]
+    assert {b.name for b in ldbfx.branches(gm) if b.eligible} >= set(branches)
+    ldbfx.set_dropped_branches(gm, branches)
+    detach_branches(ref, branches)
+    model(**data).loss.backward()
+    ref(**data).loss.backward()
+    assert_grads(grads(model), grads(ref))
+    assert all(p.grad is None for p in model.base_model.model.model.layers[1].parameters())
+    assert model.base_model.model.model.layers[2].mlp.up_proj.lora_A.default.weight.grad is not None

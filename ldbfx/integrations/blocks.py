@@ -35,7 +35,7 @@ Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), *[Block() for _ in range(4)], torch.nn.Linear(8, 2))
     >>> gm = ldbfx.transform(model, keep_first=1, keep_first_blocks=0, keep_last_blocks=0)
     >>> _ = ldbfx.install(model, gm, blocks=Block)
-    >>> ldbfx.set_dropped_branches(gm, ["2.fc"])
+    >>> ldbfx.set_dropped_branches(gm, ["2"])
     >>> model(torch.randn(2, 8)).sum().backward()   # model's own forward; block 2's branch detached
     >>> model[2].fc.weight.grad is None, model[3].fc.weight.grad is None
     (True, False)
@@ -62,13 +62,13 @@ from ..runtime.module import LdbGraphModule, recheck_modes
 from ..runtime.state import BlockLink
 
 __all__ = ["find_blocks", "install_blocks", "uninstall_blocks", "block_graphs", "recheck_block_modes",
-           "outside_blocks_hidden", "BlockForward", "AUTO"]
+           "outside_blocks_hidden", "InstalledBlock", "AUTO"]
 
 #: ``blocks="auto"``: Hugging Face's ``_no_split_modules`` (the decoder layers FSDP and
 #: checkpointing wrap).
 AUTO = "auto"
 
-#: Where a block keeps its :class:`BlockForward` (its ``forward`` is ``_block_forward`` bound to it).
+#: Where a block keeps its :class:`InstalledBlock` (its ``forward`` is ``_block_forward`` bound to it).
 ROUTED_ATTR = "_ldbfx_block"
 
 OUTSIDE = "outside the blocks (per-block install: the model's own forward runs it, unrewritten)"
@@ -127,7 +127,7 @@ def _call_kinds(args: tuple, kwargs: dict) -> tuple:
     return tuple(_kind(a) for a in args), {k: _kind(v) for k, v in kwargs.items()}
 
 
-class BlockForward:
+class InstalledBlock:
     """What a per-block install keeps on each block (``block._ldbfx_block``); the block's
     ``forward`` is :func:`_block_forward` bound to the block.
 
@@ -158,8 +158,10 @@ class BlockForward:
         return type(self.block).forward(self.block, *args, **kwargs)
 
     def __reduce__(self):
-        raise LdbfxError("a model with ldbfx block graphs installed cannot be pickled (torch.save(model)): save "
-                         "model.state_dict(), or ldbfx.uninstall(model) first")
+        # deepcopy too (an EMA copy): a copy's block graphs would not follow the model's masks.
+        raise LdbfxError("a model with ldbfx block graphs installed cannot be pickled or copied (torch.save(model), "
+                         "copy.deepcopy): save model.state_dict(), or ldbfx.uninstall(model) first and install "
+                         "again on each copy")
 
 
 def _block_forward(block: nn.Module, *args, **kwargs):
@@ -336,21 +338,29 @@ def _share_code(graphs: list[LdbGraphModule]) -> None:
         graph._modules.update(guards)
 
 
-def _link(gm: LdbGraphModule, name: str, graph: LdbGraphModule) -> BlockLink:
-    """Maps the model's layer and branch indices to the block's (layers by parameter identity:
-    names differ by the block's prefix, and a tied parameter is one layer however it is used)."""
+def _link(gm: LdbGraphModule, name: str, graph: LdbGraphModule, by_layers: dict[frozenset, int]) -> BlockLink:
+    """Maps the model's layer and branch indices to the block's. Layers by parameter identity
+    (names differ by the block's prefix, and a tied parameter is one layer however it is used);
+    branches by the layers inside them (a branch's name is where its ops sit, which the block's
+    own graph may place one module deeper), else by name."""
     state = gm.ldbfx_state
     owner = {id(p): index for index in range(len(gm.ldbfx_layers)) for p in state.params(index)}
     layers: dict[int, list[int]] = {}
+    global_of: dict[int, int] = {}
     for local in graph.ldbfx_layers:
         found = {owner.get(id(p)) for p in graph.ldbfx_state.params(local.index)}
         if len(found) != 1 or None in found:
             raise LdbfxError(f"block {name!r}: its layer {local.name!r} matches no single layer of the model's "
                              "graph (was the model changed after ldbfx.transform?)")
-        layers.setdefault(found.pop(), []).append(local.index)
+        global_of[local.index] = index = found.pop()
+        layers.setdefault(index, []).append(local.index)
     branches = {}
+    local_index = graph.ldbfx_capture.layer_index
     for local in graph.ldbfx_branches:
-        index = gm.ldbfx_capture.branch_index.get(f"{name}.{local.name}" if local.name else name)
+        inside = frozenset(global_of[local_index[n]] for n in local.layers)
+        index = by_layers.get(inside) if inside else None
+        if index is None:
+            index = gm.ldbfx_capture.branch_index.get(f"{name}.{local.name}" if local.name else name)
         if index is not None:
             branches[index] = local.index
     return BlockLink(graph.ldbfx_state, {g: tuple(v) for g, v in layers.items()}, branches)
@@ -399,7 +409,9 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
     graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name], param_dtype)
               for name, block in found]
     _share_code(graphs)
-    links = [_link(gm, name, graph) for (name, _), graph in zip(found, graphs)]
+    index = gm.ldbfx_capture.layer_index
+    by_layers = {frozenset(index[n] for n in b.layers): b.index for b in gm.ldbfx_branches if b.layers}
+    links = [_link(gm, name, graph, by_layers) for (name, _), graph in zip(found, graphs)]
     layers, branches = _served(gm, model, found, links)
     saved = {"capture": capture, "blocks": []}
     gm.__dict__["ldbfx_capture"] = dataclasses.replace(capture, layers=layers, branches=branches)
@@ -410,7 +422,7 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
     for (name, block), graph in zip(found, graphs):
         kinds = None if inputs is None else _call_kinds(*inputs[name])
         saved["blocks"].append((block, block.__dict__.get("forward")))
-        block.__dict__[ROUTED_ATTR] = BlockForward(block, graph, kinds)
+        block.__dict__[ROUTED_ATTR] = InstalledBlock(block, graph, kinds)
         block.__dict__["forward"] = types.MethodType(_block_forward, block)
     return saved
 
