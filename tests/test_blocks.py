@@ -301,3 +301,64 @@ def test_set_dropped_on_a_copy_of_the_masks_reaches_every_block():
         for index, block in enumerate(model.blocks):
             assert (block.fc1.weight.grad is None) == (f"blocks.{index}" in dropped or index == 3)
         policy.step()
+
+
+class ConstantBlock(Block):
+    """A block whose forward makes a tensor constant (the graph keeps it beside the block's buffers)."""
+
+    def forward(self, x):
+        return super().forward(x) + torch.tensor([0.5] * 16)
+
+
+def test_block_graph_keeps_its_constants():
+    torch.manual_seed(0)
+    model = Net()
+    model.blocks = nn.ModuleList(ConstantBlock() for _ in range(4))
+    ref = copy.deepcopy(model)
+    gm = ldbfx.transform(model, keep_first=1)
+    ldbfx.install(model, gm, blocks=ConstantBlock)
+    x = x_batch()
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_uninstall_keeps_the_models_forward_and_what_the_blocks_skipped():
+    model = net()
+    own = model.forward
+    model.forward = lambda x: own(x)  # an instance forward set before the install
+    mine = model.__dict__["forward"]
+    gm = ldbfx.transform(model, keep_first=1)
+    ldbfx.install(model, gm, blocks=Block)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ldbfx.set_dropped(gm, ["blocks.1.fc1"])
+    model(x_batch()).sum().backward()
+    before = model.blocks[1].fc1.weight.detach().clone()
+    model.blocks[1].fc1.weight.grad = torch.ones_like(before)  # a stray gradient: the step must skip it
+    ldbfx.uninstall(model)  # between backward and step
+    assert model.__dict__["forward"] is mine
+    opt.step()
+    assert torch.equal(model.blocks[1].fc1.weight, before)
+
+
+class Shared(nn.Module):
+    """One block called twice per forward (ALBERT's weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(8, 16), Block(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(self.block(self.block(self.inp(x))))
+
+
+def test_refusals_per_block():
+    model = Shared()
+    gm = ldbfx.transform(model, keep_first=1, keep_first_blocks=0, keep_last_blocks=0)
+    with pytest.raises(ldbfx.LdbfxError, match="more than once per forward"):
+        ldbfx.install(model, gm, blocks=Block)
+    model = net()
+    gm = ldbfx.transform(model, keep_first=1)
+    ldbfx.install(model, gm, blocks=Block)
+    with pytest.raises(ldbfx.LdbfxError, match="per-block install"):
+        ldbfx.LearnAndDrop(gm, warmup_epochs=1)
+    with pytest.raises(ldbfx.LdbfxError, match="per-block install"):
+        ldbfx.set_frozen_rows(gm, {"blocks.1.fc1": [0]})

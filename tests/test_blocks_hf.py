@@ -220,3 +220,17 @@ def test_lora_blocks_with_checkpointing_match_detaching():
     assert_grads(grads(model), grads(ref))
     assert all(p.grad is None for p in model.base_model.model.model.layers[1].parameters())
     assert model.base_model.model.model.layers[2].mlp.up_proj.lora_A.default.weight.grad is not None
+
+
+def test_callback_refuses_deepspeed_and_a_model_sharded_before_its_first_batch():
+    from types import SimpleNamespace
+
+    with pytest.raises(ldbfx.LdbfxError, match="DeepSpeed is not served.*blocks='auto'"):
+        LdbCallback._refuse_data_parallel(SimpleNamespace(deepspeed="ds_config.json"))
+    model, _ = model_and_copy(layers=1)
+    # What fully_shard leaves: the module's class swapped for a generated FSDP<Class> subclass.
+    layer = model.model.layers[0]
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    callback = LdbCallback(ldbfx.DropBP, blocks="auto")
+    with pytest.raises(ldbfx.LdbfxError, match="already sharded.*install per block before"):
+        callback._arm_capture(SimpleNamespace(neftune_noise_alpha=None), model)

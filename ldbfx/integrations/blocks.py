@@ -61,8 +61,8 @@ from ..rewrite.driver import transform
 from ..runtime.module import LdbGraphModule, recheck_modes
 from ..runtime.state import BlockLink
 
-__all__ = ["find_blocks", "install_blocks", "uninstall_blocks", "block_graphs", "recheck_block_modes",
-           "outside_blocks_hidden", "InstalledBlock", "AUTO"]
+__all__ = ["find_blocks", "install_blocks", "uninstall_blocks", "block_graphs", "outside_blocks_hidden",
+           "InstalledBlock", "AUTO"]
 
 #: ``blocks="auto"``: Hugging Face's ``_no_split_modules`` (the decoder layers FSDP and
 #: checkpointing wrap).
@@ -207,8 +207,9 @@ def _structure_error(captured: tuple, now: tuple) -> str:
         said = (said + "; " if said else "") + f"positional inputs: captured {_say(cargs)}, now {_say(nargs)}"
     return (f"this block was called with inputs of another structure than its graph was captured with ({said}): "
             "an exported graph fixes which inputs are None and the plain values it saw, so it would silently "
-            "compute without them. Capture from an example batch shaped like the training batches (with its "
-            "attention_mask if they are padded), then install again")
+            "compute without them. Capture from an example batch shaped like the training batches (with their "
+            "attention_mask if they are padded; with num_items_in_batch=torch.tensor(1.0) where Trainer passes "
+            "it, which Hugging Face hands on to every decoder layer), then install again")
 
 
 def _say(kind: Any) -> str:
@@ -225,12 +226,14 @@ def _record_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: 
     """Each block's inputs in one eager, gradient-free call of the example batch (buffers such
     as BatchNorm statistics restored after)."""
     seen: dict[str, tuple] = {}
+    calls: dict[str, int] = {}
 
     def keep(value):
         return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
     def recorder(name):
         def pre_hook(module, call_args, call_kwargs):
+            calls[name] = calls.get(name, 0) + 1
             if name not in seen:
                 seen[name] = (torch.utils._pytree.tree_map(keep, call_args),
                               torch.utils._pytree.tree_map(keep, call_kwargs))
@@ -250,7 +253,16 @@ def _record_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: 
     uncalled = [name for name, _ in blocks if name not in seen]
     if uncalled:
         raise LdbfxError(f"the example batch never reached block(s) {uncalled[:5]}: they cannot be captured")
+    _refuse_shared([name for name, count in calls.items() if count > 1])
     return seen
+
+
+def _refuse_shared(names: list[str]) -> None:
+    if names:
+        raise LdbfxError(
+            f"block(s) {names[:5]} run more than once per forward (shared weights, ALBERT-like): each call is "
+            "its own residual branches in the model's graph, which one block graph cannot tell apart. "
+            "Install the whole graph (ldbfx.install(model, gm)) for such a model")
 
 
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -315,10 +327,10 @@ def _capture_block(name: str, block: nn.Module, gm: LdbGraphModule, inputs: tupl
     with warnings.catch_warnings(), outside_blocks_hidden(block, [block]), _parameters_in(block, param_dtype):
         warnings.simplefilter("ignore")  # a block without layers: the model's analysis says so
         graph = transform(block, **options)
-    # The block's own parameters and buffers through the block's dicts, not copies of them:
-    # FSDP2 swaps the entries (sharded, unsharded) in the block's, and the graph must read those.
+    # The block's own parameters through the block's dict, not a copy of it: FSDP2 swaps its
+    # entries (sharded, unsharded), and the graph must read those. (Buffers stay the graph's:
+    # its constants live there beside the block's buffers, which FSDP2 leaves in place.)
     graph.__dict__["_parameters"] = block._parameters
-    graph.__dict__["_buffers"] = block._buffers
     return graph
 
 
@@ -375,24 +387,33 @@ def _served(gm: LdbGraphModule, model: nn.Module, blocks: list[tuple[str, nn.Mod
     linked = {g for link in links for g in link.layers}
     gated = {g for link in links for g in link.branches}
     state = gm.ldbfx_state
+    def reason(layer: Layer) -> str:
+        if not all(id(p) in inside for p in state.params(layer.index)):
+            return OUTSIDE
+        return "" if layer.index in linked else "no block's graph uses it (the model's forward does, unrewritten)"
+
     layers = tuple(
-        layer if not layer.eligible or (layer.index in linked and all(id(p) in inside for p in state.params(layer.index)))
-        else dataclasses.replace(layer, eligible=False, reason=OUTSIDE)
+        layer if not layer.eligible or not reason(layer) else dataclasses.replace(layer, eligible=False, reason=reason(layer))
         for layer in gm.ldbfx_layers)
     branches = tuple(
         branch if not branch.eligible or branch.index in gated
-        else dataclasses.replace(branch, eligible=False, reason=OUTSIDE)
+        else dataclasses.replace(branch, eligible=False, reason="no block's graph gates it (outside the blocks)")
         for branch in gm.ldbfx_branches)
     return layers, branches
 
 
-def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args: tuple | None = None,
-                   example_kwargs: dict | None = None, param_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Captures, links and installs every block of ``model`` (see the module doc).
-
-    Returns:
-        What :func:`uninstall_blocks` undoes.
+def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args: tuple | None,
+                   example_kwargs: dict | None, param_dtype: torch.dtype | None, saved: dict[str, Any]) -> None:
+    """Captures, links and installs every block of ``model`` (see the module doc), and makes
+    ``model.train()``/``eval()`` recheck the blocks' modes; what it changed goes into ``saved``,
+    which becomes ``model._ldbfx_installed`` (:func:`uninstall_blocks` undoes it).
     """
+    state = gm.ldbfx_state
+    if state.rows:
+        raise LdbfxError("frozen rows (ChannelDropBack) are not served by a per-block install: "
+                         "ldbfx.set_frozen_rows(gm, {}) first, or install the whole graph")
+    if state.pinned_eval:
+        raise LdbfxError("Learn&Drop's graph split is not served by a per-block install: install the whole graph")
     found = find_blocks(model, blocks)
     capture = gm.ldbfx_capture
     inputs: dict[str, tuple] | None = None
@@ -403,48 +424,71 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
                 "in one call of the example batch: ldbfx.install(model, gm, blocks=..., "
                 "example_kwargs=batch) with the batch given to ldbfx.transform")
         inputs = _record_inputs(model, found, tuple(example_args or ()), dict(example_kwargs or {}))
-    if param_dtype is not None and not capture.exported:
+    elif param_dtype is not None:
         raise LdbfxError("param_dtype is for graphs captured with torch.export, which fix the dtypes they see; "
                          "an FX graph follows the parameters' dtype as it is: leave it out")
     graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name], param_dtype)
               for name, block in found]
     _share_code(graphs)
-    index = gm.ldbfx_capture.layer_index
-    by_layers = {frozenset(index[n] for n in b.layers): b.index for b in gm.ldbfx_branches if b.layers}
+    index = capture.layer_index
+    by_layers: dict[frozenset, int] = {}
+    for branch in gm.ldbfx_branches:
+        if branch.layers:
+            key = frozenset(index[n] for n in branch.layers)
+            if key in by_layers:  # the same layers in two branches: one block called twice
+                _refuse_shared([branch.name])
+            by_layers[key] = branch.index
     links = [_link(gm, name, graph, by_layers) for (name, _), graph in zip(found, graphs)]
     layers, branches = _served(gm, model, found, links)
-    saved = {"capture": capture, "blocks": []}
     gm.__dict__["ldbfx_capture"] = dataclasses.replace(capture, layers=layers, branches=branches)
-    state = gm.ldbfx_state
     state.blocks = tuple(links)
+    for link in links:  # an explicit dense_gradients() choice made before install holds per block too
+        link.state.dense, link.state.dense_auto = state.dense, state.dense_auto
     state.set_dropped(tuple(i for i in state.dropped if layers[i].eligible))  # the blocks take the masks
     state.set_dropped_branches(tuple(i for i in state.dropped_branches if branches[i].eligible))
+    installed = []
     for (name, block), graph in zip(found, graphs):
         kinds = None if inputs is None else _call_kinds(*inputs[name])
-        saved["blocks"].append((block, block.__dict__.get("forward")))
+        installed.append((block, block.__dict__.get("forward")))
         block.__dict__[ROUTED_ATTR] = InstalledBlock(block, graph, kinds)
         block.__dict__["forward"] = types.MethodType(_block_forward, block)
-    return saved
+    saved.update(graph=gm, capture=capture, blocks=installed)
+    saved.setdefault("train", model.__dict__.get("train"))
+    model.__dict__["train"] = functools.partial(_train_and_check_blocks, model)
+    model.__dict__["_ldbfx_installed"] = saved
 
 
-def uninstall_blocks(gm: LdbGraphModule, saved: dict[str, Any]) -> None:
-    """Restores each block's own ``forward`` and the analysis's capture and state."""
-    for block, forward in saved["blocks"]:
+def _train_and_check_blocks(model: nn.Module, mode: bool = True) -> nn.Module:
+    """The installed ``model.train``: each exported block graph checks its modules' modes at
+    its next call (``model.train()`` set them without the graphs knowing)."""
+    type(model).train(model, mode)
+    for graph in block_graphs(model).values():
+        recheck_modes(graph)
+    return model
+
+
+def uninstall_blocks(model: nn.Module, saved: dict[str, Any]) -> None:
+    """Undoes :func:`install_blocks` (no-op if ``saved`` holds none): each block's own
+    ``forward``, ``model.train``, and the analysis's capture; the drops stay (eligible per block,
+    eligible in the whole graph)."""
+    if "graph" not in saved:
+        return
+    for block, forward in saved.pop("blocks"):
         block.__dict__.pop("forward", None)
         block.__dict__.pop(ROUTED_ATTR, None)
         if forward is not None:
             block.__dict__["forward"] = forward
-    gm.ldbfx_state.blocks = ()  # the drops stay: eligible per block, eligible in the whole graph
-    gm.__dict__["ldbfx_capture"] = saved["capture"]
+    gm = saved.pop("graph")
+    gm.ldbfx_state.absorb_block_records()  # a step after uninstall still skips what they skipped
+    gm.ldbfx_state.blocks = ()
+    gm.__dict__["ldbfx_capture"] = saved.pop("capture")
+    if "train" in saved:  # (uninstall's _unroute may have restored it already)
+        model.__dict__.pop("train", None)
+        train = saved.pop("train")
+        if train is not None:
+            model.__dict__["train"] = train
 
 
 def block_graphs(model: nn.Module) -> dict[nn.Module, LdbGraphModule]:
     """Each installed block and the graph it runs (empty where no per-block install is)."""
     return {m: m.__dict__[ROUTED_ATTR].graph for m in model.modules() if ROUTED_ATTR in m.__dict__}
-
-
-def recheck_block_modes(model: nn.Module) -> None:
-    """After ``model.train()``/``eval()``: each exported block graph checks its modules' modes
-    at its next call."""
-    for graph in block_graphs(model).values():
-        recheck_modes(graph)

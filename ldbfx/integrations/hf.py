@@ -67,7 +67,9 @@ class LdbCallback(TrainerCallback):
         blocks: in the one-line form, install a graph per block (see :func:`ldbfx.install`):
             ``"auto"`` (the decoder layers), a module class, or module names. The model then keeps
             its module boundaries, for activation checkpointing (``gradient_checkpointing=True``
-            chooses ``"auto"`` when this is left ``None``) and FSDP2 per block. Default: ``None``.
+            chooses ``"auto"`` when this is left ``None``). For FSDP2 per block (Trainer's
+            ``fsdp_config``), which shards the model before its first batch, install per block
+            yourself before building the Trainer and use the explicit form. Default: ``None``.
         **options: the policy's keyword arguments (``drop_rate``, ``period``, ``seed``...) and, in
             the one-line form, :func:`ldbfx.transform`'s (``keep_first_blocks``,
             ``extra_branches``, ``dynamic_shapes``...).
@@ -134,6 +136,7 @@ class LdbCallback(TrainerCallback):
         self._optimizer = None
         self._trainer_state = None
         self._allocate_step: int | None = None  # the optimizer step after which allocate() runs
+        self._allocation_hook = None  # per block: the model's pre-hook that runs allocate()
         self._epoch = 0
         self._in_epoch = False  # between on_epoch_begin and on_epoch_end
         self._resumed_in_epoch = False  # the loaded state already began the current epoch
@@ -195,8 +198,9 @@ class LdbCallback(TrainerCallback):
             raise LdbfxError(
                 "DeepSpeed is not served by ldbfx: its engine partitions parameters and steps the "
                 "optimizer itself, so dropped layers would still be updated. Shard with FSDP2 "
-                "instead (Trainer fsdp_config={'version': 2, ...}, or torch's fully_shard per "
-                "block) and install per block: LdbCallback(policy, blocks='auto')")
+                "instead, installed per block before the Trainer is built: ldbfx.install(model, gm, "
+                "blocks='auto', example_kwargs=batch), then LdbCallback(gm, policy) with Trainer's "
+                "fsdp_config={'version': 2, ...} or torch's fully_shard per block")
         mode = getattr(args, "parallel_mode", None)
         if getattr(args, "n_gpu", 1) > 1 and getattr(mode, "value", mode) == "not_distributed":
             # Trainer wraps the model in nn.DataParallel: every replica would call the one
@@ -214,7 +218,9 @@ class LdbCallback(TrainerCallback):
                 "the Trainer's model does not train through this graph: call "
                 "ldbfx.install(model, gm) before Trainer(model=model, ...), with the gm given to "
                 "LdbCallback; without it every layer would silently get its full backward")
-        check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
+        if not self.gm.ldbfx_state.blocks:  # per block, the model's own forward runs: FSDP2's new
+            # parameters and hooks, the checkpointing switch's hook on the embeddings are expected
+            check_unchanged(model, self.gm)  # Trainer's NEFTune hook and token alignment come late
         # A plain run hands the model the token count of the accumulated batch (over every
         # rank where average_tokens_across_devices, the default), and the loss is per token.
         accumulating = getattr(args, "gradient_accumulation_steps", 1) > 1
@@ -249,6 +255,12 @@ class LdbCallback(TrainerCallback):
             pending = capturing_forward(model)
         pending.disarm()  # an earlier train()'s capture (or another callback's): start afresh
         pending.on_capture, pending.options = self._captured, self.transform_options
+        if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+            raise LdbfxError(
+                "the Trainer's model is already sharded (FSDP), and LdbCallback(policy, ...) captures it at "
+                "its first batch, which a sharded model cannot give: install per block before building the "
+                "Trainer, ldbfx.install(model, ldbfx.transform(model, example_kwargs=batch), blocks='auto', "
+                "example_kwargs=batch), and pass LdbCallback(ldbfx.installed(model), policy, ...)")
         if pending.blocks is not None:  # hooks outside the blocks run; a block's capture refuses those inside
             pending.armed = True
             return
@@ -291,7 +303,8 @@ class LdbCallback(TrainerCallback):
         routed = routed_forward(self._model)
         gm, policy, model = self.gm, self.policy, self._model
         if routed is None:  # per block: the model's own forward runs, through the block graphs
-            _before_next_call(model, lambda args, kwargs: policy.allocate(lambda: _loss(model(*args, **kwargs))))
+            self._allocation_hook = _before_next_call(
+                model, lambda args, kwargs: policy.allocate(lambda: _loss(model(*args, **kwargs))))
         else:
             routed.before_call = lambda args, kwargs: policy.allocate(lambda: _loss(gm(*args, **kwargs)))
         self._allocate_step = None  # armed once
@@ -370,6 +383,9 @@ class LdbCallback(TrainerCallback):
         routed = routed_forward(self._model) if self._model is not None else None
         if routed is not None:
             routed.before_call = None
+        if self._allocation_hook is not None:  # per block: an allocation still armed goes too
+            self._allocation_hook.remove()
+            self._allocation_hook = None
         remove = getattr(self.policy, "remove", None)
         if callable(remove):
             remove()
@@ -390,7 +406,7 @@ class LdbCallback(TrainerCallback):
 STATE_KEY = "ldbfx.LdbCallback"
 
 
-def _before_next_call(model: torch.nn.Module, run) -> None:
+def _before_next_call(model: torch.nn.Module, run):
     """Runs ``run(args, kwargs)`` once, eagerly, with the inputs of ``model``'s next call with
     gradients on (a pre-hook that removes itself before it runs)."""
     handle = None
@@ -402,6 +418,7 @@ def _before_next_call(model: torch.nn.Module, run) -> None:
             run(args, kwargs)
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return handle
 
 
 def _loss(output: Any) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import LdbfxError
 from ..runtime.module import LdbGraphModule, captured_from, changes_since_capture, recheck_modes
-from .blocks import find_blocks, install_blocks, outside_blocks_hidden, recheck_block_modes, uninstall_blocks
+from .blocks import find_blocks, install_blocks, outside_blocks_hidden, uninstall_blocks
 
 __all__ = ["install", "install_on_first_call", "uninstall", "installed"]
 
@@ -240,34 +240,14 @@ def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example
         raise LdbfxError("param_dtype is for a per-block install (blocks=...): the whole graph takes the "
                          "dtype it was captured in")
     if blocks is not None:
-        _install_per_block(model, gm, blocks, example_args, example_kwargs, {"forward": None}, param_dtype)
+        # The model's own forward stays (its saved entry says so: uninstall leaves it alone).
+        install_blocks(model, gm, blocks, example_args, example_kwargs, param_dtype, {"keeps_forward": True})
         return model
     routed = _RoutedForward(gm, model.forward, model)
     _refuse_unpassed_loss_kwargs(model, routed)
     saved = {"forward": model.__dict__.get("forward")}
     model.forward = routed
     _route(model, gm, routed, saved)
-    return model
-
-
-def _install_per_block(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_args, example_kwargs,
-                       saved: dict[str, Any], param_dtype: torch.dtype | None = None) -> None:
-    """The ``blocks=`` install: each block's forward, and ``model.train()`` rechecking their modes."""
-    if gm.ldbfx_state.rows:
-        raise LdbfxError("frozen rows (ChannelDropBack) are not served by a per-block install: "
-                         "ldbfx.set_frozen_rows(gm, {}) first, or install the whole graph")
-    if gm.ldbfx_state.pinned_eval:
-        raise LdbfxError("Learn&Drop's graph split is not served by a per-block install: install the whole graph")
-    saved["per_block"] = install_blocks(model, gm, blocks, example_args, example_kwargs, param_dtype)
-    saved["graph"] = gm
-    saved.setdefault("train", model.__dict__.get("train"))
-    model.__dict__["train"] = functools.partial(_train_and_check_blocks, model)
-    model.__dict__["_ldbfx_installed"] = saved
-
-
-def _train_and_check_blocks(model: nn.Module, mode: bool = True) -> nn.Module:
-    type(model).train(model, mode)
-    recheck_block_modes(model)
     return model
 
 
@@ -322,11 +302,6 @@ class _CapturingForward:
             return self.original(*args, **kwargs)
         return _capture_now(self, args, kwargs)
 
-    @property
-    def gm(self) -> LdbGraphModule | None:
-        """The graph captured, or None before the capture."""
-        return self.per_block if self.routed is None else self.routed.gm
-
     def disarm(self) -> None:
         """Back to the model's own forward (what the capture routed undone), until armed again;
         the next armed call captures afresh."""
@@ -335,7 +310,7 @@ class _CapturingForward:
             _unroute(self.model, saved)
             self.routed = None
         if self.per_block is not None:
-            _unroute_blocks(self.model, saved)
+            uninstall_blocks(self.model, saved)
             self.per_block = None
         self.armed = False
 
@@ -368,27 +343,22 @@ def _capture_now(capturing: _CapturingForward, args: tuple, kwargs: dict):
         else:  # Trainer switched checkpointing on before this batch: the blocks keep it
             with outside_blocks_hidden(model, [b for _, b in find_blocks(model, capturing.blocks)]):
                 gm = transform(model, example_args=args, example_kwargs=example, **capturing.options)
-            _install_per_block(model, gm, capturing.blocks, args, example, model.__dict__["_ldbfx_installed"])
+            install_blocks(model, gm, capturing.blocks, args, example, None, model.__dict__["_ldbfx_installed"])
     finally:
         model.__dict__.update(hidden)
-    if capturing.blocks is not None:
+    if capturing.blocks is None:
+        routed = _RoutedForward(gm, capturing.original, model)
+        _refuse_unpassed_loss_kwargs(model, routed)
+        _route(model, gm, routed, model.__dict__["_ldbfx_installed"])
+        capturing.routed = routed
+    else:
         capturing.per_block = gm
-        try:
-            capturing.on_capture(gm)
-        except BaseException:
-            capturing.disarm()
-            raise
-        return capturing.original(*args, **kwargs)
-    routed = _RoutedForward(gm, capturing.original, model)
-    _refuse_unpassed_loss_kwargs(model, routed)
-    _route(model, gm, routed, model.__dict__["_ldbfx_installed"])
-    capturing.routed = routed
     try:
         capturing.on_capture(gm)
     except BaseException:
         capturing.disarm()  # the model's own forward again, not a graph without its policy
         raise
-    return routed(*args, **kwargs)
+    return capturing(*args, **kwargs)  # through the graph, or the blocks' graphs
 
 
 def install_on_first_call(model: nn.Module, on_capture: Callable[[LdbGraphModule], None], *, blocks: Any = None,
@@ -517,27 +487,17 @@ def uninstall(model: nn.Module) -> None:
     saved: dict[str, Any] | None = model.__dict__.pop("_ldbfx_installed", None)
     if saved is None:
         return
-    model.__dict__.pop("forward", None)
-    if saved["forward"] is not None:
-        model.__dict__["forward"] = saved["forward"]
+    if not saved.get("keeps_forward"):
+        model.__dict__.pop("forward", None)
+        if saved["forward"] is not None:
+            model.__dict__["forward"] = saved["forward"]
     if isinstance(model.__dict__.get("_original_forward"), (_RoutedForward, _CapturingForward)):
         # accelerate's mixed-precision wrapper (Trainer(bf16=True)) kept it there; dropped with it
         del model.__dict__["_original_forward"]
     for name in _CHECKPOINTING:
         model.__dict__.pop(name, None)
     _unroute(model, saved)
-    _unroute_blocks(model, saved)
-
-
-def _unroute_blocks(model: nn.Module, saved: dict[str, Any]) -> None:
-    """Undoes a per-block install (``saved`` then no longer holds it)."""
-    if "per_block" not in saved:
-        return
-    uninstall_blocks(saved.pop("graph"), saved.pop("per_block"))
-    model.__dict__.pop("train", None)
-    train = saved.pop("train", None)
-    if train is not None:
-        model.__dict__["train"] = train
+    uninstall_blocks(model, saved)
 
 
 def _unroute(model: nn.Module, saved: dict[str, Any]) -> None:

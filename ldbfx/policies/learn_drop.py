@@ -151,6 +151,9 @@ class LearnAndDrop:
             raise ValueError(f"cache must be None, 'memory' or 'disk', got {cache!r}")
         if cache is not None and not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError("the feature cache stores one entry per training sample: pass num_samples=len(dataset)")
+        if gm.ldbfx_state.blocks:
+            raise LdbfxError("Learn&Drop splits the whole graph into a frozen prefix and a head, which a per-block "
+                             "install does not run: install the whole graph (ldbfx.install(model, gm))")
         all_layers = _layers(gm)
         scored = [l.index for l in row_layers(gm)]
         if len(scored) < 2:

@@ -241,6 +241,15 @@ class LdbState:
         """This state and, under a per-block install, every block's."""
         return (self, *(link.state for link in self.blocks))
 
+    def absorb_block_records(self) -> None:
+        """Takes the blocks' records of skipped layers as this state's own (before the blocks'
+        states go: an optimizer step after must still leave those layers alone)."""
+        new = self.skipped_globally() - self._skipped
+        if new:
+            self._skipped.update(new)
+            self._forget_cleared(new)
+            _ACTIVE.add(self)
+
     def skipped_globally(self) -> set[int]:
         """The layers skipped since the last step, in this state's (global) indices: its own
         record and, under a per-block install, the blocks' records mapped back."""
