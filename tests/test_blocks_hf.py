@@ -234,3 +234,33 @@ def test_callback_refuses_deepspeed_and_a_model_sharded_before_its_first_batch()
     callback = LdbCallback(ldbfx.DropBP, blocks="auto")
     with pytest.raises(ldbfx.LdbfxError, match="already sharded.*install per block before"):
         callback._arm_capture(SimpleNamespace(neftune_noise_alpha=None), model)
+
+
+def test_a_dropped_last_branch_is_not_recomputed():
+    """A dropped branch that runs alone up to its gate runs without autograd: it saves nothing, so
+    a non-reentrant checkpoint's recompute stops before a dropped last branch (the MLP). Its
+    backward FLOPs are then below the checkpointed reference's with the MLP detached, which
+    recomputes it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, ref = model_and_copy()
+    data = batch()
+    gm = installed(model, data)
+    for m in (model, ref):
+        _checkpointing_switches(m)[0]({"use_reentrant": False})
+        m.train()
+    branches = ["model.layers.1.mlp"]
+    ldbfx.set_dropped_branches(gm, branches)
+    detach_branches(ref, branches)
+    flops = []
+    for m in (model, ref):
+        loss = m(**data).loss
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        flops.append(counter.get_total_flops())
+    assert_grads(grads(model), grads(ref))
+    mlp = model.model.layers[1].mlp
+    # The reference recomputes the MLP's projections (a matmul is 2 * tokens * in * out FLOPs;
+    # the checkpoint's early stop may spare it the last one); ldbfx recomputes none of them.
+    tokens, hidden, inner = 2 * 16, mlp.gate_proj.in_features, mlp.gate_proj.out_features
+    assert flops[1] - flops[0] >= 2 * (2 * tokens * hidden * inner)

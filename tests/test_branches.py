@@ -112,9 +112,10 @@ def test_flops_and_saved_activations_equal_the_detached_reference():
     ldbfx.set_dropped_branches(gm, [1, 2])
     ours = backward_flops(lambda: loss_of(gm(x)))
     assert ours == backward_flops(lambda: loss_of(ref(x))) < full
-    # The branch's saved activations are freed with its graph: what autograd still holds once
-    # the forward has returned equals the reference's, and is less than a full backward holds.
-    assert _alive_saved_bytes(gm, x) == _alive_saved_bytes(ref, x) < _alive_saved_bytes(model, x)
+    # What autograd still holds once the forward has returned: no more than the reference holds
+    # (a dropped branch that runs alone up to its gate runs without autograd and saves nothing;
+    # the reference's detached branch may keep a node alive), less than a full backward holds.
+    assert _alive_saved_bytes(gm, x) <= _alive_saved_bytes(ref, x) < _alive_saved_bytes(model, x)
 
 
 def _alive_saved_bytes(module, x):

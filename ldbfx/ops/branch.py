@@ -2,8 +2,12 @@
 
 * **Eager**: :func:`branch` reads ``state.branch_mask[index]`` (a CPU read) and returns
   ``out.detach()`` when the branch is dropped. That *is* the semantic reference: autograd then
-  never reaches the branch, so no backward op inside it runs and its saved activations are freed
-  with the branch's graph as soon as the forward moves on.
+  never reaches the branch, so no backward op inside it runs. Where the branch's nodes run
+  contiguously and only the gate reads them (the rewrite checks), :func:`branch_start` goes
+  further: a branch dropped when it begins runs without autograd, so it records no graph and
+  saves no activation at all, and a checkpoint's recompute, which saves nothing for it either,
+  stops before a dropped last branch. The gate turns autograd back on (the grad mode is restored
+  by the graph's forward if an op inside raises).
 * **Compiled**: a compiled backward is one graph; nothing in it can skip a whole subgraph for a
   run-time mask (``torch.cond`` in training recomputes its branch's forward inside the backward:
   read from its source, see design.md). So, once branch drop is in use (``state.branch_cut``, which Dynamo
@@ -42,11 +46,20 @@ def _split() -> None:
     """Nothing, outside the compiled graph: Dynamo ends a region here (a graph break)."""
 
 
-def branch_start(state: LdbState) -> None:
-    """Placed before a branch's first node: under ``torch.compile`` with branch drop in use, the
-    branch gets a compiled region of its own, whose backward belongs to the branch alone."""
-    if torch.compiler.is_compiling() and state.branch_cut and torch.is_grad_enabled():
-        _split()
+def branch_start(state: LdbState, index: int | None = None) -> None:
+    """Placed before a branch's first node. Under ``torch.compile`` with branch drop in use, the
+    branch gets a compiled region of its own, whose backward belongs to the branch alone. Eager,
+    with ``index`` (the branch runs alone up to its gate), a dropped branch runs without autograd
+    (``state.branch_off``, which its gate, :func:`branch`, clears, turning autograd back on).
+    A state, not a value passed along the graph: a graph split between the two (Learn&Drop's cut)
+    must see no new value crossing it."""
+    if torch.compiler.is_compiling():
+        if state.branch_cut and torch.is_grad_enabled():
+            _split()
+        return
+    if index is not None and torch.is_grad_enabled() and bool(state.branch_mask[index]):
+        torch._C._set_grad_enabled(False)
+        state.branch_off = index
 
 
 @torch._dynamo.disable
@@ -59,6 +72,10 @@ def _compiled_gate(out: Tensor, state: LdbState, index: int) -> Tensor:
 
 def branch(out: Tensor, state: LdbState, index: int) -> Tensor:
     """Returns ``out`` itself, or ``out`` detached while branch ``index`` is dropped."""
+    if state.branch_off == index:  # :func:`branch_start` ran the branch without autograd
+        state.branch_off = None
+        torch._C._set_grad_enabled(True)
+        return _detached(out, state, index, leaf=False)
     if not (torch.is_grad_enabled() and out.requires_grad):
         return out
     if torch.compiler.is_compiling():

@@ -70,14 +70,14 @@ def _may_alias(node: fx.Node) -> bool:
 
 
 def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
-                  by_name: dict[str, fx.Node]) -> fx.Node | None:
+                  by_name: dict[str, fx.Node]) -> list[fx.Node] | None:
     """Reorders the nodes between the block input and the add so the branch's own nodes are
     contiguous: first everything that does not depend on the branch (the skip path, parameter
     reads), then the branch, then what else uses the branch. The same ops run on the same values;
     a compiled region then holds the branch alone (see :mod:`ldbfx.ops.branch`). Returns the
-    branch's first node, or None when reordering could change a value: a random op moved across
-    another, an in-place op moved across a reader of what it overwrites (the gate still works;
-    the compiled region then just holds more than the branch)."""
+    branch's nodes in their new order, or None when reordering could change a value: a random op
+    moved across another, an in-place op moved across a reader of what it overwrites (the gate
+    still works; the compiled region then just holds more than the branch)."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     add, begin = by_name[plan.add], by_name[plan.start]
@@ -108,7 +108,7 @@ def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
         return None
     order = before + inside + after
     if order == window:
-        return inside[0]
+        return inside
     group = {**{n: 0 for n in before}, **{n: 1 for n in inside}, **{n: 2 for n in after}}
     random_ops = [n for n in window if _is_random(n, root)]
     if random_ops != [n for n in order if n in set(random_ops)]:
@@ -140,13 +140,15 @@ def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
     for node in order:
         anchor.append(node)
         anchor = node
-    return inside[0]
+    return inside
 
 
 def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | None],
                  root: torch.nn.Module) -> None:
     """Puts ``ops.branch(x, state, index)`` on the branch operand of each add (``indices[k]``
-    None: that add gets no gate), and ``ops.branch_start(state)`` before the branch's nodes."""
+    None: that add gets no gate), and ``ops.branch_start(state, index)`` before the branch's nodes. ``index`` is given to ``branch_start`` only where the branch's
+    nodes run contiguously up to the gated operand and nothing outside reads them: only there may
+    a dropped branch run without autograd (nothing else would have backpropagated into it)."""
     from .. import ops
     from ..runtime.module import STATE_ATTR
 
@@ -161,26 +163,44 @@ def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | N
             first = next(n for n in graph.nodes if n.op != "placeholder")
             with graph.inserting_before(first):
                 state = graph.get_attr(STATE_ATTR)
-        head = _group_branch(graph, plan, root, by_name)
-        if head is not None:
-            with graph.inserting_before(head):
-                graph.call_function(ops.branch_start, (state,))
-        add = by_name[plan.add]
-        if _is_inplace(add, root):
-            # ``out += identity``: the same value out of place, as long as nothing else reads
-            # the overwritten tensor (a compiled gate's fresh leaf cannot be written in place).
-            if len(add.args[0].users) != 1:
-                continue
-            add.target = {"add_": "add", operator.iadd: operator.add, _aten.add_.Tensor: _aten.add.Tensor}.get(
-                add.target, add.target)
-            if _is_inplace(add, root):
-                continue
-        operand = add.args[plan.operand]
-        with graph.inserting_after(operand):
-            gate = graph.call_function(ops.branch, (operand, state, index))
-        gate.meta.update({k: v for k, v in operand.meta.items() if k in ("val", "tensor_meta")})
-        gate.meta["ldbfx_branch"] = index
-        args = list(add.args)
-        args[plan.operand] = gate
-        add.args = tuple(args)
+        inside = _group_branch(graph, plan, root, by_name)
+        gate = _gate(graph, plan, root, by_name, state, index)
+        if inside is not None:
+            own = set(inside)
+            alone = gate is not None and inside[-1] is gate.args[0] and all(
+                user in own or user is gate or _is_check(user) for node in inside for user in node.users)
+            with graph.inserting_before(inside[0]):
+                graph.call_function(ops.branch_start, (state, index if alone else None))
     graph.lint()
+
+
+def _is_check(node: fx.Node) -> bool:
+    """torch.export's metadata assertions (``aten._assert_tensor_metadata``): they read a value and
+    give nothing, so running them without autograd changes nothing."""
+    return not node.users and getattr(node.target, "__name__", "").startswith("_assert")
+
+
+def _gate(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module, by_name: dict[str, fx.Node],
+          state: fx.Node, index: int) -> fx.Node | None:
+    """The gate on the add's branch operand, or None where the add cannot take one."""
+    from .. import ops
+
+    add = by_name[plan.add]
+    if _is_inplace(add, root):
+        # ``out += identity``: the same value out of place, as long as nothing else reads
+        # the overwritten tensor (a compiled gate's fresh leaf cannot be written in place).
+        if len(add.args[0].users) != 1:
+            return None
+        add.target = {"add_": "add", operator.iadd: operator.add, _aten.add_.Tensor: _aten.add.Tensor}.get(
+            add.target, add.target)
+        if _is_inplace(add, root):
+            return None
+    operand = add.args[plan.operand]
+    with graph.inserting_after(operand):
+        gate = graph.call_function(ops.branch, (operand, state, index))
+    gate.meta.update({k: v for k, v in operand.meta.items() if k in ("val", "tensor_meta")})
+    gate.meta["ldbfx_branch"] = index
+    args = list(add.args)
+    args[plan.operand] = gate
+    add.args = tuple(args)
+    return gate

@@ -209,9 +209,17 @@ class LdbGraphModule(fx.GraphModule):
             elif capture.exported:
                 check_modes(self)  # traced: Dynamo guards on the modes it read, and retraces
                 check_placement(self)
-            if self.training:
-                return train_forward(self, *args, **kwargs)
-            return eval_forward(self, *args, **kwargs)
+            run = train_forward if self.training else eval_forward
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return run(self, *args, **kwargs)
+            try:
+                return run(self, *args, **kwargs)
+            except BaseException:
+                # A dropped branch runs without autograd until its gate (ops.branch_start): an
+                # op raising in between must not leave the caller's autograd off.
+                torch._C._set_grad_enabled(True)
+                self.__dict__[STATE_ATTR].branch_off = None
+                raise
 
         cls.forward = forward
         return result

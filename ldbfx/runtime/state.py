@@ -136,6 +136,8 @@ class LdbState:
         self.branch_mask = torch.zeros(len(branch_layers), dtype=torch.bool, device="cpu")
         self.dropped_branches: tuple[int, ...] = ()
         self.branch_cut = False
+        #: The dropped branch running without autograd now (eager; ``ops.branch_start``), or None.
+        self.branch_off: int | None = None
         self.pinned_eval: tuple[nn.Module, ...] = ()
         self.modes_unchecked = True
         #: Per-block install: the blocks' states, which follow this one's masks (one place to
