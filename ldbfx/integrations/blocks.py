@@ -171,9 +171,11 @@ def _block_forward(block: nn.Module, *args, **kwargs):
 
     Hugging Face's checkpointing is applied around the graph as its class would. A recompute runs
     the graph again in the backward and reads the masks then (the same as the forward's: masks
-    change between steps); the skips it records again are the same set. A non-reentrant
-    checkpoint (Hugging Face's default) recomputes only what the backward unpacks, so a block
-    whose branches are all dropped is not recomputed; a reentrant one recomputes every block."""
+    change between steps); the skips it records again are the same set. A dropped branch saves
+    nothing (it runs without autograd, ``ops.branch_start``), and a non-reentrant checkpoint
+    (Hugging Face's default) recomputes only what the backward unpacks: neither a block whose
+    branches are all dropped nor a dropped last branch is recomputed. A reentrant one recomputes
+    every block whole."""
     routed = block.__dict__[ROUTED_ATTR]
     if not torch.is_grad_enabled():  # no backward: the block's own code, same values
         return routed.original(*args, **kwargs)

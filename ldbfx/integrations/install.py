@@ -194,8 +194,8 @@ def install(model: nn.Module, gm: LdbGraphModule, *, blocks: Any = None, example
     checkpointing, ``block.compile()``, hooks on blocks): its own ``forward`` runs, and each block
     runs its own rewritten graph as its ``forward``; ``gm`` stays the model's analysis and state,
     what :func:`ldbfx.set_dropped` and the policies take (see :mod:`ldbfx.integrations.blocks`).
-    Layers outside the blocks then always train. Install before ``fully_shard`` and
-    ``checkpoint_wrapper``; checkpointing may be switched on before or after.
+    Layers outside the blocks then always train. Install before ``fully_shard``,
+    ``checkpoint_wrapper`` and Hugging Face's checkpointing switch.
 
     Args:
         model: the model given to :func:`ldbfx.transform`.
