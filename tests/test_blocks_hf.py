@@ -264,3 +264,24 @@ def test_a_dropped_last_branch_is_not_recomputed():
     # the checkpoint's early stop may spare it the last one); ldbfx recomputes none of them.
     tokens, hidden, inner = 2 * 16, mlp.gate_proj.in_features, mlp.gate_proj.out_features
     assert flops[1] - flops[0] >= 2 * (2 * tokens * hidden * inner)
+
+
+def test_padded_and_unpadded_batches_from_one_example_with_an_attention_mask():
+    """Hugging Face hands the blocks no mask for an unpadded batch and a mask tensor for a padded
+    one: from an example with an (unpadded) attention_mask, both structures are captured, and
+    both train as the model does."""
+    model, ref = model_and_copy()
+    data = tokens()  # with an all-ones attention_mask
+    gm = installed(model, data)
+    assert len(gm.ldbfx_state.blocks) == 2 * 3  # two graphs per block, both following the model's masks
+    padded = {**data, "attention_mask": data["attention_mask"].clone()}
+    padded["attention_mask"][0, :4] = 0
+    branches = ["model.layers.1.mlp"]
+    ldbfx.set_dropped_branches(gm, branches)
+    detach_branches(ref, branches)
+    for batch_ in (data, padded):
+        model.zero_grad(), ref.zero_grad()
+        model(**batch_).loss.backward()
+        ref(**batch_).loss.backward()
+        assert_grads(grads(model), grads(ref))
+        assert all(p.grad is None for p in model.model.layers[1].mlp.parameters())

@@ -127,6 +127,24 @@ def _call_kinds(args: tuple, kwargs: dict) -> tuple:
     return tuple(_kind(a) for a in args), {k: _kind(v) for k, v in kwargs.items()}
 
 
+def _key(kinds: tuple) -> tuple:
+    """``kinds`` as a dict key (keyword inputs in name order)."""
+    return kinds[0], tuple(sorted(kinds[1].items()))
+
+
+def _example_variants(kwargs: dict) -> list[dict]:
+    """The example batch, and where it has an unpadded ``attention_mask``, the same batch with
+    its first position masked: Hugging Face hands the blocks no mask for an unpadded batch and a
+    mask tensor for a padded one, two input structures an exported block graph fixes. Both are
+    captured, so padded and unpadded batches train alike."""
+    mask = kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1 and bool(mask.all())):
+        return [kwargs]
+    padded = mask.clone()
+    padded[:, 0] = 0
+    return [kwargs, {**kwargs, "attention_mask": padded}]
+
+
 class InstalledBlock:
     """What a per-block install keeps on each block (``block._ldbfx_block``); the block's
     ``forward`` is :func:`_block_forward` bound to the block.
@@ -134,10 +152,11 @@ class InstalledBlock:
     Attributes:
         block: the block.
         graph: its rewritten graph (its state follows the model's, see :class:`BlockLink`).
-        kinds: for an exported graph, the structure of the inputs it was captured with (which are
-            ``None``, plain values such as ``use_cache=False``): a call with another structure (a
-            padded batch's ``attention_mask`` where the capture had none) is refused, not
-            silently computed without it. ``None`` for an FX graph, which takes any.
+        graphs: for exported graphs, the graph per structure of the inputs it was captured with
+            (which are ``None``, plain values such as ``use_cache=False``; an unpadded and a padded
+            batch where the example batch had an ``attention_mask``): a call with another
+            structure is refused, not silently computed without what the capture lacked. ``None``
+            for an FX graph, which takes any.
         own: the block's own instance ``forward`` where it had one (else the class's runs, looked
             up at each call: ``fully_shard`` swaps the block's class, and Hugging Face wraps the
             new class's ``forward`` again).
@@ -146,8 +165,8 @@ class InstalledBlock:
             :func:`_block_forward` applies the same rule around the graph.
     """
 
-    def __init__(self, block: nn.Module, graph: LdbGraphModule, kinds: tuple | None):
-        self.block, self.graph, self.kinds = block, graph, kinds
+    def __init__(self, block: nn.Module, graph: LdbGraphModule, graphs: dict[tuple, LdbGraphModule] | None):
+        self.block, self.graph, self.graphs = block, graph, graphs
         self.own = block.__dict__.get("forward")
         self.hf_checkpointing = any(c.__name__ == "GradientCheckpointingLayer" for c in type(block).__mro__)
 
@@ -179,9 +198,12 @@ def _block_forward(block: nn.Module, *args, **kwargs):
     routed = block.__dict__[ROUTED_ATTR]
     if not torch.is_grad_enabled():  # no backward: the block's own code, same values
         return routed.original(*args, **kwargs)
-    if routed.kinds is not None and _call_kinds(args, kwargs) != routed.kinds:
-        raise LdbfxError(_structure_error(routed.kinds, _call_kinds(args, kwargs)))
     graph = routed.graph
+    if routed.graphs is not None:
+        kinds = _call_kinds(args, kwargs)
+        graph = routed.graphs.get(_key(kinds))
+        if graph is None:
+            raise LdbfxError(_structure_error(next(iter(routed.graphs)), kinds))
     graph.training = block.training  # gm is not the block's child: follow its mode
     if routed.hf_checkpointing and block.gradient_checkpointing and block.training:
         return block._gradient_checkpointing_func(functools.partial(graph, **_without_cache(block, kwargs)), *args)
@@ -203,6 +225,7 @@ def _without_cache(block: nn.Module, kwargs: dict) -> dict:
 
 def _structure_error(captured: tuple, now: tuple) -> str:
     (cargs, ckw), (nargs, nkw) = captured, now
+    ckw = dict(ckw)  # (a key: its items)
     differ = [k for k in sorted(set(ckw) | set(nkw)) if ckw.get(k, "absent") != nkw.get(k, "absent")]
     said = ", ".join(f"{k}: captured {_say(ckw.get(k, 'absent'))}, now {_say(nkw.get(k, 'absent'))}" for k in differ)
     if cargs != nargs:
@@ -425,13 +448,22 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
                 "gm was captured with torch.export, so each block is too, from the inputs it receives "
                 "in one call of the example batch: ldbfx.install(model, gm, blocks=..., "
                 "example_kwargs=batch) with the batch given to ldbfx.transform")
-        inputs = _record_inputs(model, found, tuple(example_args or ()), dict(example_kwargs or {}))
+        # Per block: inputs by structure (the example batch's first).
+        inputs = {name: {} for name, _ in found}
+        for example in _example_variants(dict(example_kwargs or {})):
+            for name, recorded in _record_inputs(model, found, tuple(example_args or ()), example).items():
+                inputs[name].setdefault(_key(_call_kinds(*recorded)), recorded)
     elif param_dtype is not None:
         raise LdbfxError("param_dtype is for graphs captured with torch.export, which fix the dtypes they see; "
                          "an FX graph follows the parameters' dtype as it is: leave it out")
-    graphs = [_capture_block(name, block, gm, None if inputs is None else inputs[name], param_dtype)
-              for name, block in found]
-    _share_code(graphs)
+    # One graph per block and input structure; identical blocks share code per structure.
+    variants: list[dict[tuple | None, LdbGraphModule]] = []
+    for name, block in found:
+        recorded = {None: None} if inputs is None else inputs[name]
+        variants.append({key: _capture_block(name, block, gm, example, param_dtype) for key, example in recorded.items()})
+    for key in variants[0]:
+        _share_code([v[key] for v in variants if key in v])
+    graphs = [(name, graph) for (name, _), v in zip(found, variants) for graph in v.values()]
     index = capture.layer_index
     by_layers: dict[frozenset, int] = {}
     for branch in gm.ldbfx_branches:
@@ -440,7 +472,7 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
             if key in by_layers:  # the same layers in two branches: one block called twice
                 _refuse_shared([branch.name])
             by_layers[key] = branch.index
-    links = [_link(gm, name, graph, by_layers) for (name, _), graph in zip(found, graphs)]
+    links = [_link(gm, name, graph, by_layers) for name, graph in graphs]
     layers, branches = _served(gm, model, found, links)
     gm.__dict__["ldbfx_capture"] = dataclasses.replace(capture, layers=layers, branches=branches)
     state.blocks = tuple(links)
@@ -449,10 +481,10 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
     state.set_dropped(tuple(i for i in state.dropped if layers[i].eligible))  # the blocks take the masks
     state.set_dropped_branches(tuple(i for i in state.dropped_branches if branches[i].eligible))
     installed = []
-    for (name, block), graph in zip(found, graphs):
-        kinds = None if inputs is None else _call_kinds(*inputs[name])
+    for (name, block), by_key in zip(found, variants):
         installed.append((block, block.__dict__.get("forward")))
-        block.__dict__[ROUTED_ATTR] = InstalledBlock(block, graph, kinds)
+        block.__dict__[ROUTED_ATTR] = InstalledBlock(block, next(iter(by_key.values())),
+                                                     None if inputs is None else by_key)
         block.__dict__["forward"] = types.MethodType(_block_forward, block)
     saved.update(graph=gm, capture=capture, blocks=installed)
     saved.setdefault("train", model.__dict__.get("train"))
@@ -464,8 +496,11 @@ def _train_and_check_blocks(model: nn.Module, mode: bool = True) -> nn.Module:
     """The installed ``model.train``: each exported block graph checks its modules' modes at
     its next call (``model.train()`` set them without the graphs knowing)."""
     type(model).train(model, mode)
-    for graph in block_graphs(model).values():
-        recheck_modes(graph)
+    for module in model.modules():
+        routed = module.__dict__.get(ROUTED_ATTR)
+        if routed is not None:
+            for graph in (routed.graphs or {None: routed.graph}).values():
+                recheck_modes(graph)
     return model
 
 
@@ -492,5 +527,6 @@ def uninstall_blocks(model: nn.Module, saved: dict[str, Any]) -> None:
 
 
 def block_graphs(model: nn.Module) -> dict[nn.Module, LdbGraphModule]:
-    """Each installed block and the graph it runs (empty where no per-block install is)."""
+    """Each installed block and the graph it runs for the example batch's input structure (empty
+    where no per-block install is)."""
     return {m: m.__dict__[ROUTED_ATTR].graph for m in model.modules() if ROUTED_ATTR in m.__dict__}
