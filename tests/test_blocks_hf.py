@@ -285,3 +285,16 @@ def test_padded_and_unpadded_batches_from_one_example_with_an_attention_mask():
         ref(**batch_).loss.backward()
         assert_grads(grads(model), grads(ref))
         assert all(p.grad is None for p in model.model.layers[1].mlp.parameters())
+
+
+def test_a_hook_inside_a_block_is_refused_at_install():
+    """A block's exported graph inlines its modules, whose hooks would never run: refused by name
+    (here by install's check of what changed since the capture; hooks on the block itself run,
+    see tests/test_blocks.py)."""
+    model, _ = model_and_copy(layers=2)
+    data = batch()
+    gm = ldbfx.transform(model, example_kwargs=data)
+    model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: out)
+    with pytest.raises(ldbfx.LdbfxError, match="layers.1.mlp"):
+        ldbfx.install(model, gm, blocks="auto", example_kwargs=data)
+    assert ldbfx.installed(model) is None and "forward" not in model.model.layers[0].__dict__
