@@ -5,13 +5,11 @@ are); the peak of unsharded parameters is the reference's: one block's plus the 
 
 import copy
 import datetime
-import functools
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import ldbfx

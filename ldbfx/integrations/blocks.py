@@ -44,12 +44,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import types
-import warnings
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -57,92 +54,25 @@ from torch import nn
 
 from ..errors import LdbfxError
 from ..records import Branch, Layer
-from ..rewrite.driver import transform
 from ..runtime.module import LdbGraphModule, recheck_modes
 from ..runtime.state import BlockLink
+from .block_capture import (
+    call_kinds,
+    capture_block,
+    example_variants,
+    find_blocks,
+    record_inputs,
+    refuse_shared,
+    share_code,
+    structure_key,
+)
 
-__all__ = ["find_blocks", "install_blocks", "uninstall_blocks", "block_graphs", "outside_blocks_hidden",
-           "InstalledBlock", "AUTO"]
-
-#: ``blocks="auto"``: Hugging Face's ``_no_split_modules`` (the decoder layers FSDP and
-#: checkpointing wrap).
-AUTO = "auto"
+__all__ = ["install_blocks", "uninstall_blocks", "block_graphs", "InstalledBlock"]
 
 #: Where a block keeps its :class:`InstalledBlock` (its ``forward`` is ``_block_forward`` bound to it).
 ROUTED_ATTR = "_ldbfx_block"
 
 OUTSIDE = "outside the blocks (per-block install: the model's own forward runs it, unrewritten)"
-
-
-def find_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
-    """The blocks of ``model``: ``(qualified name, module)``, outermost matches, in module order.
-
-    Args:
-        model: the model.
-        blocks: ``"auto"`` (Hugging Face's ``_no_split_modules`` classes), a module class or a
-            tuple of classes, or an iterable of qualified module names.
-
-    Raises:
-        LdbfxError: nothing matches, or ``"auto"`` on a model that names no blocks.
-    """
-    if blocks == AUTO:
-        kinds = set(getattr(model, "_no_split_modules", None) or ())
-        if not kinds:
-            raise LdbfxError(
-                f"blocks='auto' reads Hugging Face's _no_split_modules, which {type(model).__name__} does "
-                "not set: name the blocks, blocks=(MyBlock,) or blocks=['layers.0', 'layers.1', ...]")
-        matches = lambda name, m: type(m).__name__ in kinds  # noqa: E731
-    elif isinstance(blocks, type) or (isinstance(blocks, tuple) and blocks and all(isinstance(b, type) for b in blocks)):
-        matches = lambda name, m: isinstance(m, blocks)  # noqa: E731
-    elif isinstance(blocks, Iterable) and not isinstance(blocks, str):
-        names = set(blocks)
-        missing = names - {name for name, _ in model.named_modules()}
-        if missing:
-            raise LdbfxError(f"blocks names modules the model does not have: {sorted(missing)}")
-        matches = lambda name, m: name in names  # noqa: E731
-    else:
-        raise TypeError(f"blocks must be 'auto', a module class (or tuple of them) or module names, got {blocks!r}")
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if name and matches(name, module) and not any(name.startswith(outer + ".") for outer, _ in found):
-            found.append((name, module))
-    if not found:
-        raise LdbfxError(f"no module of {type(model).__name__} matches blocks={blocks!r}")
-    return found
-
-
-def _kind(value: Any) -> Any:
-    """What a block's graph fixed about one input: a tensor is an input, ``None`` and plain
-    values (``use_cache=False``) are baked in, a tuple or list is each of its items."""
-    if isinstance(value, torch.Tensor):
-        return torch.Tensor
-    if isinstance(value, (tuple, list)):
-        return tuple(_kind(v) for v in value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return type(value)
-
-
-def _call_kinds(args: tuple, kwargs: dict) -> tuple:
-    return tuple(_kind(a) for a in args), {k: _kind(v) for k, v in kwargs.items()}
-
-
-def _key(kinds: tuple) -> tuple:
-    """``kinds`` as a dict key (keyword inputs in name order)."""
-    return kinds[0], tuple(sorted(kinds[1].items()))
-
-
-def _example_variants(kwargs: dict) -> list[dict]:
-    """The example batch, and where it has an unpadded ``attention_mask``, the same batch with
-    its first position masked: Hugging Face hands the blocks no mask for an unpadded batch and a
-    mask tensor for a padded one, two input structures an exported block graph fixes. Both are
-    captured, so padded and unpadded batches train alike."""
-    mask = kwargs.get("attention_mask")
-    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > 1 and bool(mask.all())):
-        return [kwargs]
-    padded = mask.clone()
-    padded[:, 0] = 0
-    return [kwargs, {**kwargs, "attention_mask": padded}]
 
 
 class InstalledBlock:
@@ -200,8 +130,8 @@ def _block_forward(block: nn.Module, *args, **kwargs):
         return routed.original(*args, **kwargs)
     graph = routed.graph
     if routed.graphs is not None:
-        kinds = _call_kinds(args, kwargs)
-        graph = routed.graphs.get(_key(kinds))
+        kinds = call_kinds(args, kwargs)
+        graph = routed.graphs.get(structure_key(kinds))
         if graph is None:
             raise LdbfxError(_structure_error(next(iter(routed.graphs)), kinds))
     graph.training = block.training  # gm is not the block's child: follow its mode
@@ -245,134 +175,6 @@ def _say(kind: Any) -> str:
     if isinstance(kind, type):
         return kind.__name__
     return repr(kind)
-
-
-def _record_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], args: tuple, kwargs: dict) -> dict[str, tuple]:
-    """Each block's inputs in one eager, gradient-free call of the example batch (buffers such
-    as BatchNorm statistics restored after)."""
-    seen: dict[str, tuple] = {}
-    calls: dict[str, int] = {}
-
-    def keep(value):
-        return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-    def recorder(name):
-        def pre_hook(module, call_args, call_kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            if name not in seen:
-                seen[name] = (torch.utils._pytree.tree_map(keep, call_args),
-                              torch.utils._pytree.tree_map(keep, call_kwargs))
-        return pre_hook
-
-    handles = [block.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, block in blocks]
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-    uncalled = [name for name, _ in blocks if name not in seen]
-    if uncalled:
-        raise LdbfxError(f"the example batch never reached block(s) {uncalled[:5]}: they cannot be captured")
-    _refuse_shared([name for name, count in calls.items() if count > 1])
-    return seen
-
-
-def _refuse_shared(names: list[str]) -> None:
-    if names:
-        raise LdbfxError(
-            f"block(s) {names[:5]} run more than once per forward (shared weights, ALBERT-like): each call is "
-            "its own residual branches in the model's graph, which one block graph cannot tell apart. "
-            "Install the whole graph (ldbfx.install(model, gm)) for such a model")
-
-
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
-          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def outside_blocks_hidden(model: nn.Module, blocks: Iterable[nn.Module]) -> Iterator[None]:
-    """While capturing for a per-block install: Hugging Face's checkpointing switches off, and no
-    hooks on the blocks or on modules outside them. They stay outside the blocks' graphs, where
-    ``nn.Module.__call__`` runs them and the installed forward checkpoints; the whole model's
-    graph is only the analysis, never run. Hooks *inside* a block stay, and are refused by the
-    block's capture (its graph would inline them)."""
-    blocks = list(blocks)
-    inner = {id(m) for block in blocks for m in block.modules() if m is not block}
-    switched = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    hidden = [(m, name, getattr(m, name)) for m in model.modules() if id(m) not in inner
-              for name in _HOOKS if getattr(m, name, None)]
-    for m in switched:
-        m.gradient_checkpointing = False
-    for m, name, hooks in hidden:
-        setattr(m, name, type(hooks)())
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.gradient_checkpointing = True
-        for m, name, hooks in hidden:
-            setattr(m, name, hooks)
-
-
-@contextlib.contextmanager
-def _parameters_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """The block's floating-point parameters in ``dtype`` while it is captured (what FSDP2's
-    ``MixedPrecisionPolicy(param_dtype=...)`` gives its forward), the same objects, restored
-    bit for bit after."""
-    if dtype is None:
-        yield
-        return
-    kept = [(p, p.data) for p in block.parameters() if p.is_floating_point()]
-    try:
-        for p, data in kept:
-            p.data = data.to(dtype)
-        yield
-    finally:
-        for p, data in kept:
-            p.data = data
-
-
-def _capture_block(name: str, block: nn.Module, gm: LdbGraphModule, inputs: tuple | None,
-                   param_dtype: torch.dtype | None) -> LdbGraphModule:
-    """The block's own rewritten graph: every layer and branch may drop locally (the model's
-    analysis decides which do); the extra branches the user named, in the block's names."""
-    prefix = name + "."
-    extra = tuple(n[len(prefix):] for n in gm.ldbfx_config.extra_branches if n.startswith(prefix))
-    options = dict(keep_first=0, keep_last=0, keep_first_blocks=0, keep_last_blocks=0, extra_branches=extra)
-    if inputs is not None:
-        if param_dtype is not None:  # FSDP2 casts a sharded module's floating-point inputs too
-            inputs = torch.utils._pytree.tree_map(
-                lambda v: v.to(param_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, inputs)
-        options.update(example_args=tuple(inputs[0]), example_kwargs=dict(inputs[1]))
-    with warnings.catch_warnings(), outside_blocks_hidden(block, [block]), _parameters_in(block, param_dtype):
-        warnings.simplefilter("ignore")  # a block without layers: the model's analysis says so
-        graph = transform(block, **options)
-    # The block's own parameters through the block's dict, not a copy of it: FSDP2 swaps its
-    # entries (sharded, unsharded), and the graph must read those. (Buffers stay the graph's:
-    # its constants live there beside the block's buffers, which FSDP2 leaves in place.)
-    graph.__dict__["_parameters"] = block._parameters
-    return graph
-
-
-def _share_code(graphs: list[LdbGraphModule]) -> None:
-    """Blocks whose rewritten code is the same run the first one's class (``forward``) and
-    torch.export guard modules: Dynamo guards on both, so one compile serves them all."""
-    firsts: dict[tuple[str, str], LdbGraphModule] = {}
-    for graph in graphs:
-        key = (graph.code, graph.eval_code)
-        first = firsts.setdefault(key, graph)
-        if first is graph:
-            continue
-        guards = {k: v for k, v in first._modules.items() if k.startswith("_ldbfx_")}
-        if set(guards) != {k for k in graph._modules if k.startswith("_ldbfx_")}:
-            continue
-        graph.__class__ = type(first)
-        graph._modules.update(guards)
 
 
 def _link(gm: LdbGraphModule, name: str, graph: LdbGraphModule, by_layers: dict[frozenset, int]) -> BlockLink:
@@ -450,9 +252,9 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
                 "example_kwargs=batch) with the batch given to ldbfx.transform")
         # Per block: inputs by structure (the example batch's first).
         inputs = {name: {} for name, _ in found}
-        for example in _example_variants(dict(example_kwargs or {})):
-            for name, recorded in _record_inputs(model, found, tuple(example_args or ()), example).items():
-                inputs[name].setdefault(_key(_call_kinds(*recorded)), recorded)
+        for example in example_variants(dict(example_kwargs or {})):
+            for name, recorded in record_inputs(model, found, tuple(example_args or ()), example).items():
+                inputs[name].setdefault(structure_key(call_kinds(*recorded)), recorded)
     elif param_dtype is not None:
         raise LdbfxError("param_dtype is for graphs captured with torch.export, which fix the dtypes they see; "
                          "an FX graph follows the parameters' dtype as it is: leave it out")
@@ -460,9 +262,9 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
     variants: list[dict[tuple | None, LdbGraphModule]] = []
     for name, block in found:
         recorded = {None: None} if inputs is None else inputs[name]
-        variants.append({key: _capture_block(name, block, gm, example, param_dtype) for key, example in recorded.items()})
+        variants.append({key: capture_block(name, block, gm, example, param_dtype) for key, example in recorded.items()})
     for key in variants[0]:
-        _share_code([v[key] for v in variants if key in v])
+        share_code([v[key] for v in variants if key in v])
     graphs = [(name, graph) for (name, _), v in zip(found, variants) for graph in v.values()]
     index = capture.layer_index
     by_layers: dict[frozenset, int] = {}
@@ -470,7 +272,7 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
         if branch.layers:
             key = frozenset(index[n] for n in branch.layers)
             if key in by_layers:  # the same layers in two branches: one block called twice
-                _refuse_shared([branch.name])
+                refuse_shared([branch.name])
             by_layers[key] = branch.index
     links = [_link(gm, name, graph, by_layers) for name, graph in graphs]
     layers, branches = _served(gm, model, found, links)

@@ -34,14 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import LdbfxError
-from .install import (
-    capturing_forward,
-    check_unchanged,
-    install_on_first_call,
-    installed,
-    routed_forward,
-    uninstall,
-)
+from .first_call import capturing_forward, install_on_first_call
+from .install import check_unchanged, installed, routed_forward, uninstall
 from ..runtime.mask import discard_skipped
 from ..capture.trace import has_hooks
 
