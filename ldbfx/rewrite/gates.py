@@ -146,9 +146,10 @@ def _group_branch(graph: fx.Graph, plan: BranchPlan, root: torch.nn.Module,
 def insert_gates(graph: fx.Graph, plans: list[BranchPlan], indices: list[int | None],
                  root: torch.nn.Module) -> None:
     """Puts ``ops.branch(x, state, index)`` on the branch operand of each add (``indices[k]``
-    None: that add gets no gate), and ``ops.branch_start(state, index)`` before the branch's nodes. ``index`` is given to ``branch_start`` only where the branch's
-    nodes run contiguously up to the gated operand and nothing outside reads them: only there may
-    a dropped branch run without autograd (nothing else would have backpropagated into it)."""
+    None: that add gets no gate), and ``ops.branch_start(state, index)`` before the branch's
+    nodes. ``index`` is given to ``branch_start`` only where the branch's nodes run contiguously up
+    to the gated operand and nothing outside reads them: only there may a dropped branch run
+    without autograd (nothing else would have backpropagated into it)."""
     from .. import ops
     from ..runtime.module import STATE_ATTR
 
