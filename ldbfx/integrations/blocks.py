@@ -277,7 +277,7 @@ def install_blocks(model: nn.Module, gm: LdbGraphModule, blocks: Any, example_ar
     links = [_link(gm, name, graph, by_layers) for name, graph in graphs]
     layers, branches = _served(gm, model, found, links)
     gm.__dict__["ldbfx_capture"] = dataclasses.replace(capture, layers=layers, branches=branches)
-    state.blocks = tuple(links)
+    state.link_blocks(tuple(links))
     for link in links:  # an explicit dense_gradients() choice made before install holds per block too
         link.state.dense, link.state.dense_auto = state.dense, state.dense_auto
     state.set_dropped(tuple(i for i in state.dropped if layers[i].eligible))  # the blocks take the masks
@@ -319,7 +319,7 @@ def uninstall_blocks(model: nn.Module, saved: dict[str, Any]) -> None:
             block.__dict__["forward"] = forward
     gm = saved.pop("graph")
     gm.ldbfx_state.absorb_block_records()  # a step after uninstall still skips what they skipped
-    gm.ldbfx_state.blocks = ()
+    gm.ldbfx_state.link_blocks(())
     gm.__dict__["ldbfx_capture"] = saved.pop("capture")
     if "train" in saved:  # (uninstall's _unroute may have restored it already)
         model.__dict__.pop("train", None)

@@ -141,8 +141,11 @@ class LdbState:
         self.pinned_eval: tuple[nn.Module, ...] = ()
         self.modes_unchecked = True
         #: Per-block install: the blocks' states, which follow this one's masks (one place to
-        #: write, one record per block graph that ran).
+        #: write, one record per block graph that ran). Set by :meth:`link_blocks`.
         self.blocks: tuple[BlockLink, ...] = ()
+        # global layer / branch index -> [(position in blocks, local indices or index)]
+        self._block_layers: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        self._block_branches: dict[int, list[tuple[int, int]]] = {}
         _STATES[self.id] = self
         if _native_in_use:
             self._register_native()
@@ -174,9 +177,23 @@ class LdbState:
         if indices:
             self.mask[list(indices)] = True
         self.dropped = indices
-        for link in self.blocks:
-            link.state.set_dropped(tuple(sorted(
-                local for index in indices for local in link.layers.get(index, ()))))
+        if self.blocks:  # O(dropped) to sort out, then one write per block
+            per_block: list[list[int]] = [[] for _ in self.blocks]
+            for index in indices:
+                for position, local in self._block_layers.get(index, ()):
+                    per_block[position].extend(local)
+            for link, local in zip(self.blocks, per_block):
+                link.state.set_dropped(tuple(sorted(local)))
+
+    def link_blocks(self, links: tuple[BlockLink, ...]) -> None:
+        """Makes the blocks' states follow this one's masks (``()``: none any more)."""
+        self.blocks = links
+        self._block_layers, self._block_branches = {}, {}
+        for position, link in enumerate(links):
+            for index, local in link.layers.items():
+                self._block_layers.setdefault(index, []).append((position, local))
+            for index, local in link.branches.items():
+                self._block_branches.setdefault(index, []).append((position, local))
 
     def is_dropped(self, mask: Tensor, index: int) -> bool:
         """``bool(mask[index])``, for the ops: read through the view where ``mask`` is this
@@ -293,12 +310,16 @@ class LdbState:
             self.branch_mask[list(indices)] = True
             self.branch_cut = True
         self.dropped_branches = indices
-        for link in self.blocks:
-            link.state.set_dropped_branches(tuple(sorted(
-                link.branches[index] for index in indices if index in link.branches)))
-            # Every block splits its compiled graph from the first drop on, wherever it fell:
-            # blocks sharing one compiled graph then keep sharing it (one recompile, ever).
-            link.state.branch_cut = self.branch_cut
+        if self.blocks:
+            per_block: list[list[int]] = [[] for _ in self.blocks]
+            for index in indices:
+                for position, local in self._block_branches.get(index, ()):
+                    per_block[position].append(local)
+            for link, local in zip(self.blocks, per_block):
+                link.state.set_dropped_branches(tuple(sorted(local)))
+                # Every block splits its compiled graph from the first drop on, wherever it fell:
+                # blocks sharing one compiled graph then keep sharing it (one recompile, ever).
+                link.state.branch_cut = self.branch_cut
 
     def record_branch(self, index: int) -> None:
         """A forward detached branch ``index``: its inner layers' updates are skipped."""
